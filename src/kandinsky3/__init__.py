@@ -1,0 +1,15 @@
+"""kandinsky3: the Kandinsky 3.1 image-generation family in PyTorch."""
+
+from .checkpoints import CheckpointError
+from .images import read_metadata, save_image
+from .models import MoVQ, MoVQConfig, UNet, UNetConfig
+from .pipeline import Kandinsky3
+from .registry import VARIANTS
+from .settings import GenerationSettings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError", "GenerationSettings", "Kandinsky3", "MoVQ", "MoVQConfig", "UNet", "UNetConfig", "VARIANTS",
+    "read_metadata", "save_image",
+]

@@ -1,0 +1,125 @@
+"""Reading and writing weight files safely.
+
+safetensors first; ``.pt``/``.ckpt``/``.bin`` only through ``torch.load(weights_only=True)``, so a pickle that
+carries code (or any non-tensor payload beyond plain containers) is refused. Writes go to a temporary file in
+the same folder and are renamed into place, so an interrupted conversion leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """A weight file is missing, unreadable, unsafe or does not fit the model."""
+
+
+def load_file(path: str | os.PathLike) -> dict:
+    """Load a whole weight file into a dict (tensors on the CPU)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weight file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file as load_st
+
+        try:
+            return load_st(str(path))
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"{path} is not a valid safetensors file ({exc}); re-download or re-convert it") from exc
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"refused to load {path}: it contains Python objects other than tensors ({str(exc).splitlines()[0]}). "
+            "Only plain tensor checkpoints are loaded (torch.load weights_only=True); convert it with "
+            "`kandinsky3 convert` on a trusted machine, or use a .safetensors file"
+        ) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+        raise CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint ({exc}); re-download it") from exc
+
+
+def _is_zip(path: Path) -> bool:
+    return zipfile.is_zipfile(path)
+
+
+def tensors_only(data: Mapping, what: str) -> dict[str, torch.Tensor]:
+    """Check that ``data`` is a flat mapping of names to tensors."""
+    if not isinstance(data, Mapping):
+        raise CheckpointError(f"{what}: expected a state dict, found {type(data).__name__}")
+    bad = [k for k, v in data.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{what}: entries are not tensors: {bad[:5]}")
+    return dict(data)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None):
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def save_torch(obj, path: str | os.PathLike):
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def save_json(data: dict, path: str | os.PathLike):
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def load_json(path: str | os.PathLike) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"config file not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc})") from exc
+
+
+def load_into(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], what: str, strict: bool = True):
+    """``load_state_dict`` with an error that lists what is missing, unexpected or mis-shaped."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    if shapes or (strict and (missing or unexpected)):
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        if shapes:
+            parts.append(f"{len(shapes)} with other shapes (e.g. {shapes[:2]})")
+        raise CheckpointError(f"{what} does not fit the model config: " + "; ".join(parts))
+    module.load_state_dict(state_dict, strict=strict, assign=_is_meta(module))
+
+
+def _is_meta(module: torch.nn.Module) -> bool:
+    return any(p.is_meta for p in module.parameters())

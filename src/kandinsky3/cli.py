@@ -1,0 +1,208 @@
+"""``kandinsky3`` command line: generate, edit, inpaint, outpaint, convert, info."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXAMPLES = {
+    "generate": """examples:
+  kandinsky3 generate "a red circle in the top left on a gray background" --seed 0 --out circle.png
+  kandinsky3 generate "a large blue star" --num-images 4 --out stars.png        # stars-0.png … stars-3.png
+  kandinsky3 generate "a cat in a hat" --model base --width 1024 --height 768 --negative "blurry"
+  kandinsky3 generate "a cat in a hat" --model flash --dtype bf16               # 4 steps, no guidance""",
+    "edit": """examples:
+  kandinsky3 edit photo.png "the same scene in winter" --strength 0.5 --out winter.png""",
+    "inpaint": """examples:
+  kandinsky3 inpaint photo.png mask.png "a bowl of fruit" --model inpainting --out fruit.png
+  (mask: white / 1 = repaint, black / 0 = keep; the same size as the image)""",
+    "outpaint": """examples:
+  kandinsky3 outpaint photo.png "a wide beach" --left 256 --right 256 --model inpainting --out wide.png""",
+    "convert": """examples:
+  kandinsky3 convert ./Kandinsky3.1 ./k3-diffusers --to diffusers --variant base
+  kandinsky3 convert ./k3-diffusers ./k3-official --to official
+  kandinsky3 convert ./Kandinsky3.1 ./k3-flash --to native --variant flash     # safetensors""",
+    "info": """examples:
+  kandinsky3 info                      # the embedded nano model
+  kandinsky3 info ./Kandinsky3.1 --variant flash""",
+}
+
+
+def _formatter(prog):
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def _add_model_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, help="nano (default), base, flash, inpainting, tiny, a hub id or a folder")
+    g.add_argument("--variant", default=None, help="which U-Net of an official folder: base, flash, inpainting")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, … (default: cuda if available)")
+    g.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="weights dtype for all parts")
+    g.add_argument("--text-encoder-dtype", default=None, choices=["fp32", "fp16", "bf16"])
+    g.add_argument("--text-encoder-quantization", default=None, choices=["8bit", "4bit"],
+                   help="load the T5 encoder with bitsandbytes (CUDA)")
+    g.add_argument("--offload", action="store_true", help="keep weights on the CPU, move each part to the device in turn")
+    g.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, size: bool = True):
+    g = p.add_argument_group("sampling")
+    g.add_argument("--negative", default=None, help="negative prompt")
+    g.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, 50 or 4 for Flash)")
+    g.add_argument("--guidance", type=float, default=None,
+                   help="guidance weight w, ε = (w+1)·cond − w·uncond (default: the model's, 3.0)")
+    g.add_argument("--sampler", default=None, choices=["k3", "flash", "ddpm", "ddim", "dpm++", "euler"],
+                   help="k3 = the official sampler (default), flash, or a diffusers scheduler")
+    if size:
+        g.add_argument("--width", type=int, default=None, help="pixels, a multiple of 64 (default: the model's size)")
+        g.add_argument("--height", type=int, default=None, help="pixels, a multiple of 64")
+    g.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    g.add_argument("--seed", type=int, default=None, help="random seed (default: random, stored in the PNG)")
+    g.add_argument("--out", default="kandinsky3.png", help="output PNG; with several images, -0, -1, … are appended")
+    g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kandinsky3", description="Kandinsky 3.1 image generation.",
+                                     formatter_class=_formatter, epilog=EXAMPLES["generate"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("generate", help="text → image", formatter_class=_formatter, epilog=EXAMPLES["generate"])
+    p.add_argument("prompt", nargs="?", default="", help="the prompt (empty: unconditional)")
+    _add_model_args(p)
+    _add_sampling_args(p)
+
+    p = sub.add_parser("edit", help="image → image", formatter_class=_formatter, epilog=EXAMPLES["edit"])
+    p.add_argument("image")
+    p.add_argument("prompt", nargs="?", default="")
+    p.add_argument("--strength", type=float, default=0.3, help="how much to change: 0 < s ≤ 1 (default 0.3)")
+    _add_model_args(p)
+    _add_sampling_args(p)
+
+    p = sub.add_parser("inpaint", help="repaint the white part of a mask", formatter_class=_formatter,
+                       epilog=EXAMPLES["inpaint"])
+    p.add_argument("image")
+    p.add_argument("mask")
+    p.add_argument("prompt", nargs="?", default="")
+    p.add_argument("--dilate", action="store_true", help="grow the mask by ≈6 px like the official prepare_mask")
+    p.add_argument("--paste-back", action="store_true", help="keep the original pixels outside the mask")
+    _add_model_args(p)
+    _add_sampling_args(p)
+
+    p = sub.add_parser("outpaint", help="extend the canvas and paint the new border", formatter_class=_formatter,
+                       epilog=EXAMPLES["outpaint"])
+    p.add_argument("image")
+    p.add_argument("prompt", nargs="?", default="")
+    for side in ("left", "right", "top", "bottom"):
+        p.add_argument(f"--{side}", type=int, default=0, help=f"pixels to add on the {side}")
+    _add_model_args(p)
+    _add_sampling_args(p, size=False)
+
+    p = sub.add_parser("convert", help="convert between official .pt, diffusers and safetensors layouts",
+                       formatter_class=_formatter, epilog=EXAMPLES["convert"])
+    p.add_argument("src", help="model folder (official, diffusers or native layout)")
+    p.add_argument("dst", help="output folder")
+    p.add_argument("--to", required=True, choices=["official", "diffusers", "native"])
+    p.add_argument("--variant", default=None, help="for official folders: base (default), flash or inpainting")
+
+    p = sub.add_parser("info", help="what a model folder holds, with parameter counts", formatter_class=_formatter,
+                       epilog=EXAMPLES["info"])
+    p.add_argument("model", nargs="?", default=None)
+    p.add_argument("--variant", default=None)
+    return parser
+
+
+def _pipeline(args):
+    from .pipeline import Kandinsky3
+
+    return Kandinsky3.from_pretrained(
+        args.model, device=args.device, dtype=args.dtype, text_encoder_dtype=args.text_encoder_dtype,
+        text_encoder_quantization=args.text_encoder_quantization, offload=args.offload, compile=args.compile,
+        variant=args.variant,
+    )
+
+
+def _sampling(args, size: bool = True) -> dict:
+    s = dict(steps=args.steps, guidance=args.guidance, sampler=args.sampler, num_images=args.num_images, seed=args.seed)
+    if size:
+        s.update(width=args.width, height=args.height)
+    return s
+
+
+def _save_all(images, out: str):
+    from .images import save_image
+
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        out = out.with_suffix(".png")
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
+    for image, path in zip(images, paths):
+        save_image(image, path)
+        print(path)
+
+
+def _info(args):
+    import torch
+
+    from .checkpoints import layouts
+    from .checkpoints.loading import resolve
+    from .registry import get_variant
+
+    root, named = resolve(args.model)
+    variant = get_variant(args.variant) if args.variant else named
+    if root is None:
+        print(f"{variant.name}: {variant.description} (in-memory preset, no files)")
+        return
+    raw = layouts.read(root, variant)
+    count = lambda sd: sum(t.numel() for t in sd.values())  # noqa: E731
+    print(f"folder:      {root}  ({layouts.detect_layout(root)} layout)")
+    print(f"variant:     {raw.variant.name} — {raw.variant.description}")
+    print(f"sampler:     {raw.variant.sampler.to_dict()}  default size {raw.variant.size}px")
+    print(f"U-Net:       {len(raw.unet)} tensors, {count(raw.unet):,} parameters, {raw.variant.unet.num_channels} input channels")
+    print(f"projection:  {count(raw.projection):,} parameters  ({tuple(raw.projection['0.weight'].shape)})")
+    print(f"MoVQ:        {len(raw.movq)} tensors, {count(raw.movq):,} parameters")
+    print(f"null emb.:   {'yes' if raw.null_embedding is not None else 'no (diffusers unconditional branch)'}")
+    if raw.text_encoder_dir is not None:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(raw.text_encoder_dir)
+        print(f"text enc.:   T5 d_model {cfg.d_model}, {cfg.num_layers} layers, vocab {cfg.vocab_size}  ({raw.text_encoder_dir})")
+    del torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "convert":
+            from .checkpoints import convert
+            from .registry import get_variant
+
+            raw = convert(args.src, args.dst, args.to, get_variant(args.variant) if args.variant else None)
+            print(f"wrote {args.dst} ({args.to} layout, variant {raw.variant.name})")
+        elif args.command == "info":
+            _info(args)
+        else:
+            pipe = _pipeline(args)
+            progress = not args.no_progress
+            if args.command == "generate":
+                images = pipe.generate(args.prompt, args.negative, progress=progress, **_sampling(args))
+            elif args.command == "edit":
+                images = pipe.edit(args.image, args.prompt, args.strength, args.negative, progress=progress,
+                                   **_sampling(args))
+            elif args.command == "inpaint":
+                images = pipe.inpaint(args.image, args.mask, args.prompt, args.negative, dilate=args.dilate,
+                                      paste_back=args.paste_back, progress=progress, **_sampling(args))
+            else:
+                images = pipe.outpaint(args.image, args.prompt, left=args.left, right=args.right, top=args.top,
+                                       bottom=args.bottom, negative_prompt=args.negative, progress=progress,
+                                       **_sampling(args, size=False))
+            _save_all(images, args.out)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
+        print(f"kandinsky3 {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

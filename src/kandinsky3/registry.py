@@ -1,0 +1,107 @@
+"""Named model variants: configs, sampler defaults and where their files live."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .models.movq import MoVQConfig
+from .models.unet import UNetConfig
+
+OFFICIAL_REPO = "ai-forever/Kandinsky3.1"
+DIFFUSERS_REPO = "kandinsky-community/kandinsky-3"
+NANO_DIR = Path(__file__).parent / "weights" / "nano"
+
+
+@dataclass(frozen=True)
+class SamplerDefaults:
+    """How a variant samples by default: the official K3 DDIM-η sampler or the Flash re-noising sampler."""
+
+    kind: str = "k3"  # "k3" | "flash"
+    steps: int = 50
+    guidance: float = 3.0  # w in (w+1)·cond − w·uncond
+    threshold_percentile: float | None = 0.99
+    eta: float = 1.0
+
+    def to_dict(self) -> dict:
+        return dict(kind=self.kind, steps=self.steps, guidance=self.guidance,
+                    threshold_percentile=self.threshold_percentile, eta=self.eta)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    description: str
+    unet: UNetConfig
+    movq: MoVQConfig = field(default_factory=MoVQConfig)
+    sampler: SamplerDefaults = field(default_factory=SamplerDefaults)
+    size: int = 1024  # default image side in pixels
+    text_encoder: str = "google/flan-ul2"  # the T5 checkpoint whose encoder the variant was trained with
+    hub_repo: str | None = OFFICIAL_REPO
+    unet_file: str | None = None  # official layout, relative to the repo root
+    projection_file: str | None = None
+    movq_file: str | None = "weights/movq.pt"
+    text_encoder_dir: str | None = "weights/flan_ul2_encoder"
+    local_dir: Path | None = None  # weights shipped with the package
+
+    @property
+    def official_files(self) -> list[str]:
+        files = [self.unet_file, self.projection_file, self.movq_file]
+        return [f for f in files if f] + ([f"{self.text_encoder_dir}/*"] if self.text_encoder_dir else [])
+
+
+_BASE_UNET = UNetConfig()
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in [
+        Variant(
+            "base", "Kandinsky 3.1: 3B U-Net, FLAN-UL2 encoder, 50 steps with guidance",
+            _BASE_UNET, unet_file="weights/kandinsky3.pt",
+            projection_file="weights/flan_ul2_encoder/projection.pt",
+        ),
+        Variant(
+            "flash", "Kandinsky 3.1 Flash: the base U-Net distilled (ADD) to 4 steps, no guidance",
+            _BASE_UNET, sampler=SamplerDefaults(kind="flash", steps=4, guidance=0.0, threshold_percentile=None),
+            unet_file="weights/kandinsky3_flash.pt", projection_file="weights/flan_ul2_encoder/projection_flash.pt",
+        ),
+        Variant(
+            "inpainting", "Kandinsky 3.1 inpainting: 9-channel U-Net (latent, mask, masked-image latent)",
+            UNetConfig(num_channels=9), sampler=SamplerDefaults(guidance=4.0, threshold_percentile=0.95),
+            unet_file="weights/kandinsky3_inpainting.pt",
+            projection_file="weights/flan_ul2_encoder/projection_inpainting.pt",
+        ),
+        Variant(
+            "small", "Kandinsky 3 Small: ≈1B U-Net with FLAN-T5 XL (2048-d); weights were never published",
+            UNetConfig(model_channels=256, init_channels=128, time_embed_dim=1024, context_dim=2048,
+                       dim_mult=(1, 2, 4, 6)),
+            text_encoder="google/flan-t5-xl", hub_repo=None, movq_file=None, text_encoder_dir=None,
+        ),
+        Variant(
+            "nano", "nano: tiny K3 trained by this project on the procedural shapes world (64 px), the default",
+            UNetConfig(model_channels=64, init_channels=32, time_embed_dim=256, context_dim=128, groups=16,
+                       head_dim=32, dim_mult=(1, 2, 2, 4), num_blocks=(2, 2, 2, 2)),
+            movq=MoVQConfig(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(), resolution=64,
+                            tile_sample_min_size=64),
+            size=64, text_encoder="nano-t5", hub_repo=None, movq_file=None, text_encoder_dir=None, local_dir=NANO_DIR,
+        ),
+        Variant(
+            "tiny", "random-weight test preset (every code path, no files, no meaning)",
+            UNetConfig(model_channels=64, init_channels=32, time_embed_dim=128, context_dim=64,
+                       dim_mult=(1, 2, 2, 4), num_blocks=(2, 2, 2, 2)),
+            movq=MoVQConfig(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, tile_sample_min_size=64),
+            size=64, text_encoder="tiny-t5", hub_repo=None, movq_file=None, text_encoder_dir=None,
+        ),
+    ]
+}
+ALIASES = {OFFICIAL_REPO.lower(): "base", "kandinsky3": "base", "kandinsky3.1": "base", "k3": "base",
+           "kandinsky3-flash": "flash", "kandinsky3-inpainting": "inpainting"}
+DEFAULT_VARIANT = "nano"
+
+
+def get_variant(name: str) -> Variant:
+    key = ALIASES.get(name.lower(), name.lower())
+    if key not in VARIANTS:
+        raise ValueError(f"unknown model {name!r}: use one of {', '.join(VARIANTS)}, a Hugging Face repo id "
+                         f"(e.g. {OFFICIAL_REPO} or {DIFFUSERS_REPO}) or a local folder")
+    return VARIANTS[key]

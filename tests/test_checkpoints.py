@@ -1,0 +1,154 @@
+"""Loading and converting the official, diffusers and native layouts; refusing bad files with clear errors."""
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from kandinsky3 import CheckpointError, Kandinsky3
+from kandinsky3.checkpoints import convert, detect_layout, load_file, read
+from kandinsky3.checkpoints.loading import fetch_command, resolve
+
+
+def assert_same_image(a, b):
+    """Same weights loaded two ways: equal up to one uint8 level (CPU kernels may round differently on
+    differently-placed copies of the same tensors)."""
+    x, y = np.asarray(a, dtype=int), np.asarray(b, dtype=int)
+    assert x.shape == y.shape
+    assert np.abs(x - y).max() <= 1 and np.abs(x - y).mean() < 0.05
+
+
+@pytest.fixture(scope="module")
+def official_dir(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("official")
+    tiny.save_pretrained(root, layout="official")
+    return root
+
+
+def test_official_layout_files(official_dir):
+    w = official_dir / "weights"
+    for f in ["kandinsky3.pt", "movq.pt", "flan_ul2_encoder/projection.pt", "flan_ul2_encoder/config.json"]:
+        assert (w / f).is_file(), f
+    blob = torch.load(w / "kandinsky3.pt", weights_only=True)
+    assert set(blob) == {"unet", "null_embedding"} and blob["null_embedding"].shape == (64,)
+    assert detect_layout(official_dir) == "official"
+
+
+def test_official_folder_loads_and_generates_the_same(tiny, official_dir):
+    loaded = Kandinsky3.from_pretrained(official_dir, device="cpu")
+    assert loaded.unet.config == tiny.unet.config  # inferred from shapes alone
+    a = tiny.generate("a red circle", seed=3, steps=5, progress=False)
+    b = loaded.generate("a red circle", seed=3, steps=5, width=64, height=64, progress=False)
+    assert_same_image(a[0], b[0])
+
+
+def test_official_to_diffusers_to_official_is_bit_identical(official_dir, tmp_path):
+    convert(official_dir, tmp_path / "diffusers", to="diffusers")
+    assert detect_layout(tmp_path / "diffusers") == "diffusers"
+    assert (tmp_path / "diffusers" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    convert(tmp_path / "diffusers", tmp_path / "back", to="official")
+    before, after = read(official_dir), read(tmp_path / "back")
+    for name in ("unet", "projection", "movq"):
+        a, b = getattr(before, name), getattr(after, name)
+        assert a.keys() == b.keys(), name
+        assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a), name
+    assert torch.equal(before.null_embedding, after.null_embedding)
+    raw = torch.load(official_dir / "weights/kandinsky3.pt", weights_only=True)["unet"]
+    back = torch.load(tmp_path / "back/weights/kandinsky3.pt", weights_only=True)["unet"]
+    assert list(raw) == list(back)
+
+
+def test_diffusers_folder_loads_in_diffusers_itself(official_dir, tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    convert(official_dir, tmp_path / "d", to="diffusers")
+    unet = diffusers.Kandinsky3UNet.from_pretrained(tmp_path / "d" / "unet")
+    movq = diffusers.VQModel.from_pretrained(tmp_path / "d" / "movq")
+    assert sum(p.numel() for p in unet.parameters()) > 0 and movq.config.norm_type == "spatial"
+
+
+def test_native_safetensors_round_trip(tiny, official_dir, tmp_path):
+    convert(official_dir, tmp_path / "native", to="native")
+    assert detect_layout(tmp_path / "native") == "native"
+    assert (tmp_path / "native" / "unet.safetensors").is_file()
+    pipe = Kandinsky3.from_pretrained(tmp_path / "native", device="cpu")
+    a = tiny.generate("a blue star", seed=1, steps=4, progress=False)
+    b = pipe.generate("a blue star", seed=1, steps=4, width=64, height=64, progress=False)
+    assert_same_image(a[0], b[0])
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_pickle_with_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"unet": Payload()}, f)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_file(path)
+
+
+def test_pickle_with_non_tensor_object_is_refused(tmp_path):
+    path = tmp_path / "odd.pt"
+    torch.save({"unet": {"w": torch.zeros(2)}, "extra": Payload}, path)  # a class object, not a tensor
+    with pytest.raises(CheckpointError, match="refused"):
+        load_file(path)
+
+
+def test_corrupt_files(tmp_path):
+    (tmp_path / "bad.pt").write_bytes(b"PK\x03\x04 definitely not a zip")
+    with pytest.raises(CheckpointError, match="corrupt|refused"):
+        load_file(tmp_path / "bad.pt")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{broken")
+    with pytest.raises(CheckpointError, match="not a valid safetensors"):
+        load_file(tmp_path / "bad.safetensors")
+
+
+def test_truncated_official_unet_is_a_clear_error(official_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(official_dir, tmp_path / "m")
+    blob = torch.load(tmp_path / "m/weights/kandinsky3.pt", weights_only=True)
+    del blob["unet"]["out_layer.2.weight"]
+    torch.save(blob, tmp_path / "m/weights/kandinsky3.pt")
+    with pytest.raises(CheckpointError, match="missing"):
+        Kandinsky3.from_pretrained(tmp_path / "m", device="cpu")
+
+
+def test_missing_files_are_named(official_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(official_dir, tmp_path / "m")
+    (tmp_path / "m/weights/movq.pt").unlink()
+    with pytest.raises(CheckpointError, match="movq.pt"):
+        Kandinsky3.from_pretrained(tmp_path / "m", device="cpu")
+
+
+def test_offline_hub_error_names_files_and_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(CheckpointError) as info:
+        resolve("base", local_files_only=True)
+    text = str(info.value)
+    assert "weights/kandinsky3.pt" in text and "weights/movq.pt" in text and "hf download ai-forever/Kandinsky3.1" in text
+    assert fetch_command("a/b", ["x.pt"]) == "hf download a/b --include 'x.pt' --local-dir ./b"
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="unknown model 'kandinsky9'.*nano"):
+        Kandinsky3.from_pretrained("kandinsky9")
+
+
+def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
+    from kandinsky3.checkpoints import io
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_torch({"a": torch.zeros(1)}, tmp_path / "x.pt")
+    assert list(tmp_path.iterdir()) == []
