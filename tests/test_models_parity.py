@@ -126,3 +126,20 @@ def test_tiled_decode_shape_and_blend():
         w = y / 8
         expected = top[..., 24 + y, :24] * (1 - w) + below[..., y, :24] * w
         assert torch.allclose(tiled[..., 24 + y, :24], expected, atol=1e-6), y
+
+
+def test_fast_decode_variants_keep_the_output(movq_pair):
+    """channels_last changes nothing beyond float rounding; bf16 changes it only by bf16 rounding."""
+    ours, _ = movq_pair
+    z = torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(8))
+    fast = MoVQ(MOVQ_CFG).eval()
+    fast.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        ref = ours.decode(z)
+        fast.to(memory_format=torch.channels_last)
+        assert torch.allclose(fast.decode(z.contiguous(memory_format=torch.channels_last)), ref, atol=1e-5)
+        fast.to(torch.bfloat16)
+        low = fast.decode(z.to(torch.bfloat16)).float()
+    scale = ref.abs().max()
+    assert (low - ref).abs().max() <= 0.05 * scale  # a few bf16 ulps through ~20 layers
+    assert (low - ref).abs().max() > 0  # it did run in bf16

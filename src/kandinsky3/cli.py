@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -23,6 +24,14 @@ EXAMPLES = {
   kandinsky3 convert ./Kandinsky3.1 ./k3-diffusers --to diffusers --variant base
   kandinsky3 convert ./k3-diffusers ./k3-official --to official
   kandinsky3 convert ./Kandinsky3.1 ./k3-flash --to native --variant flash     # safetensors""",
+    "train": """examples:
+  kandinsky3 train movq --config configs/nano/movq.yaml
+  kandinsky3 train diffusion --config configs/nano/diffusion.yaml
+  accelerate launch --num_processes 8 -m kandinsky3.cli train diffusion --config my.yaml   # 8 GPUs, DDP
+  (an interrupted run resumes from OUTPUT_DIR/checkpoint when started again)""",
+    "eval": """examples:
+  kandinsky3 eval alignment --model nano --num 500     # judge-read alignment at the default guidance and at 0
+  kandinsky3 eval movq --model nano --num 500          # MoVQ reconstruction PSNR on held-out renders""",
     "info": """examples:
   kandinsky3 info                      # the embedded nano model
   kandinsky3 info ./Kandinsky3.1 --variant flash""",
@@ -106,6 +115,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, choices=["official", "diffusers", "native"])
     p.add_argument("--variant", default=None, help="for official folders: base (default), flash or inpainting")
 
+    p = sub.add_parser("train", help="train a MoVQ, a diffusion U-Net or an upscaler from a YAML config",
+                       formatter_class=_formatter, epilog=EXAMPLES["train"])
+    p.add_argument("recipe", choices=["movq", "diffusion", "superres"])
+    p.add_argument("--config", required=True, help="YAML training config (see configs/ and docs/training.md)")
+    p.add_argument("--output-dir", default=None, help="override output_dir")
+    p.add_argument("--steps", type=int, default=None, help="override the total number of steps")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in this invocation")
+    p.add_argument("--mixed-precision", default=None, choices=["no", "bf16", "fp16"])
+
+    p = sub.add_parser("eval", help="measure a model: text alignment (shapes world) or MoVQ reconstruction",
+                       formatter_class=_formatter, epilog=EXAMPLES["eval"])
+    p.add_argument("what", choices=["alignment", "movq"])
+    p.add_argument("--model", default=None, help="nano (default) or a model folder trained on the shapes world")
+    p.add_argument("--num", type=int, default=500, help="number of captions / images (default 500)")
+    p.add_argument("--held-out", type=int, default=None, help="captions with held-out colour+shape pairs (num/5)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None, help="default: the model's")
+    p.add_argument("--no-baseline", action="store_true", help="skip the guidance-0 comparison")
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+
     p = sub.add_parser("info", help="what a model folder holds, with parameter counts", formatter_class=_formatter,
                        epilog=EXAMPLES["info"])
     p.add_argument("model", nargs="?", default=None)
@@ -171,6 +201,31 @@ def _info(args):
     del torch
 
 
+def _eval(args):
+    from .pipeline import Kandinsky3
+
+    pipe = Kandinsky3.from_pretrained(args.model, device=args.device)
+    results = {}
+    if args.what == "movq":
+        from .eval.metrics import movq_psnr
+        from .world.dataset import to_tensor, world_sample
+
+        images = __import__("torch").stack([to_tensor(world_sample(i, "test", pipe.variant.size).image)
+                                            for i in range(args.num)])
+        results["movq_psnr_db"] = movq_psnr(pipe.movq, images)
+        print(f"MoVQ reconstruction PSNR on {args.num} held-out renders: {results['movq_psnr_db']:.2f} dB")
+    else:
+        from .eval.alignment import evaluate_alignment
+
+        runs = [args.guidance] + ([] if args.no_baseline else [0.0])
+        for guidance in runs:
+            report = evaluate_alignment(pipe, args.num, guidance, args.steps, held_out=args.held_out)
+            print(report.table() + "\n")
+            results[f"guidance_{report.guidance}"] = report.to_dict()
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -182,6 +237,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.dst} ({args.to} layout, variant {raw.variant.name})")
         elif args.command == "info":
             _info(args)
+        elif args.command == "eval":
+            _eval(args)
+        elif args.command == "train":
+            from .training import TrainConfig, train
+
+            cfg = TrainConfig.from_yaml(args.config, output_dir=args.output_dir, steps=args.steps,
+                                        mixed_precision=args.mixed_precision)
+            if cfg.recipe != args.recipe:
+                raise ValueError(f"{args.config} is a {cfg.recipe!r} config, not {args.recipe!r}")
+            summary = train(cfg, max_steps=args.max_steps)
+            print(json.dumps(summary))
         else:
             pipe = _pipeline(args)
             progress = not args.no_progress

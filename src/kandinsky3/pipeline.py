@@ -42,13 +42,16 @@ class Kandinsky3:
     def from_pretrained(cls, name_or_path: str | None = None, *, device: str | None = None, dtype=None,
                         unet_dtype=None, movq_dtype=None, text_encoder_dtype=None, text_encoder_device=None,
                         text_encoder_quantization: str | None = None, offload: bool = False, compile: bool = False,
-                        local_files_only: bool = False, variant: str | None = None) -> "Kandinsky3":
+                        channels_last: bool = False, local_files_only: bool = False,
+                        variant: str | None = None) -> "Kandinsky3":
         """Load a registered model (``nano`` by default, ``base``, ``flash``, ``inpainting``, ``tiny``), a Hugging
         Face repo id (official or diffusers layout) or a local folder.
 
         ``dtype`` sets all components at once; ``unet_dtype`` / ``movq_dtype`` / ``text_encoder_dtype`` override
         it per component. ``offload=True`` keeps weights on the CPU and moves each component to ``device`` only
         while it runs. ``text_encoder_quantization`` = "8bit" | "4bit" needs bitsandbytes (a CUDA device).
+        ``channels_last=True`` stores U-Net and MoVQ convolution weights NHWC (faster convolutions on GPUs with
+        tensor cores; same outputs).
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         load_device = "cpu" if offload else device
@@ -58,6 +61,9 @@ class Kandinsky3:
             quantization=text_encoder_quantization, local_files_only=local_files_only, variant=variant,
         )
         pipe = cls(components, device=device, offload=offload)
+        if channels_last:
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.movq.to(memory_format=torch.channels_last)
         if compile:
             pipe.unet.compile()
         return pipe

@@ -97,6 +97,9 @@ def read_official(root: Path, variant: Variant | None = None) -> RawCheckpoint:
     null = blob.get("null_embedding")
     movq = tensors_only(load_file(files["movq_file"]), str(files["movq_file"]))
     configs = dict(unet=infer_unet_config(unet, variant.unet), movq=infer_movq_config(movq, variant.movq))
+    if (configs["unet"], configs["movq"]) != (variant.unet, variant.movq):
+        configs.update(name=f"{variant.name}-custom",
+                       description=f"{variant.name} file layout with non-release sizes (configs read from the shapes)")
     return RawCheckpoint(
         variant=replace(variant, **configs), unet=unet,
         projection=tensors_only(load_file(files["projection_file"]), str(files["projection_file"])),

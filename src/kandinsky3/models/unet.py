@@ -336,6 +336,7 @@ class UNet(nn.Module):
         self.out_layer = nn.Sequential(
             nn.GroupNorm(config.groups, init_channels), nn.SiLU(), nn.Conv2d(init_channels, config.out_channels, 3, padding=1)
         )
+        self.gradient_checkpointing = False  # recompute each level in the backward pass (training memory)
 
     @property
     def in_channels(self) -> int:
@@ -354,7 +355,7 @@ class UNet(nn.Module):
         x = self.in_layer(x)
         skips = []
         for level, down in enumerate(self.down_samples):
-            x = down(x, time_embed, context, context_mask)
+            x = self._run_level(down, x, time_embed, context, context_mask)
             if level != len(self.down_samples) - 1:
                 skips.append(x)
         if control_residuals is not None:
@@ -362,5 +363,12 @@ class UNet(nn.Module):
         for level, up in enumerate(self.up_samples):
             if level != 0:
                 x = torch.cat([x, skips.pop()], dim=1)
-            x = up(x, time_embed, context, context_mask)
+            x = self._run_level(up, x, time_embed, context, context_mask)
         return self.out_layer(x)
+
+    def _run_level(self, level, *args):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(level, *args, use_reentrant=False)
+        return level(*args)

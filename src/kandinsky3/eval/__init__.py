@@ -1,0 +1,1 @@
+"""Evaluations: text→image alignment with the world judge, reconstruction and image metrics."""

@@ -1,0 +1,78 @@
+"""Training data: the shapes world, a folder of image + caption files, or webdataset shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..world.dataset import ShapesDataset
+from .config import DataConfig
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def _image_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    image = image.convert("RGB")
+    w, h = image.size
+    s = min(w, h)  # centre crop, then resize
+    image = image.crop(((w - s) // 2, (h - s) // 2, (w + s) // 2, (h + s) // 2)).resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+
+
+class CaptionFolder(torch.utils.data.Dataset):
+    """``name.png`` + ``name.txt`` pairs (a missing caption means the empty prompt)."""
+
+    def __init__(self, root: str | Path, size: int):
+        self.files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.files:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
+        self.size = size
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        path = self.files[i]
+        caption_file = path.with_suffix(".txt")
+        caption = caption_file.read_text().strip() if caption_file.is_file() else ""
+        return {"image": _image_tensor(Image.open(path), self.size), "caption": caption}
+
+
+class InMemory(torch.utils.data.Dataset):
+    """Materialise a (deterministic) dataset once: rendering costs more than a training step on a CPU."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        from tqdm.auto import tqdm
+
+        items = [dataset[i] for i in tqdm(range(len(dataset)), desc="rendering", leave=False)]
+        self.captions = [it["caption"] for it in items]
+        self.tensors = {k: torch.stack([it[k] for it in items]) for k in items[0] if k != "caption"}
+
+    def __len__(self):
+        return len(self.captions)
+
+    def __getitem__(self, i):
+        return {"caption": self.captions[i], **{k: v[i] for k, v in self.tensors.items()}}
+
+
+def make_dataset(cfg: DataConfig, extra_sizes: tuple[int, ...] = ()) -> torch.utils.data.Dataset:
+    if cfg.source == "world":
+        ds = ShapesDataset(cfg.length, cfg.split, cfg.size, extra_sizes)
+        return InMemory(ds) if cfg.cache else ds
+    if cfg.source == "folder":
+        if not cfg.path:
+            raise ValueError("data.source=folder needs data.path")
+        return CaptionFolder(cfg.path, cfg.size)
+    if cfg.source == "webdataset":
+        try:
+            import webdataset as wds
+        except ImportError as exc:
+            raise ImportError("data.source=webdataset needs `pip install webdataset`") from exc
+        size = cfg.size
+        return (wds.WebDataset(cfg.path, shardshuffle=True).decode("pil")
+                .to_tuple("jpg;png;webp", "txt")
+                .map(lambda s: {"image": _image_tensor(s[0], size), "caption": s[1]}))
+    raise ValueError(f"unknown data.source {cfg.source!r}: world, folder or webdataset")

@@ -1,0 +1,129 @@
+"""The one training loop, on ``accelerate``: CPU, one GPU, or many GPUs / nodes (DDP; FSDP via accelerate config).
+
+A recipe supplies the trainable module (whose ``forward(batch)`` returns the loss), how a batch is prepared,
+sample grids and the export of the final weights. The loop adds what every run needs: mixed precision, EMA,
+warm-up + cosine learning rate, gradient clipping, checkpoint + resume, sample grids and a progress bar.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from .config import TrainConfig
+
+
+def _lr_lambda(cfg: TrainConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def _cycle(loader):
+    for epoch in itertools.count():
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        yield from loader
+
+
+def train(cfg: TrainConfig, max_steps: int | None = None, progress: bool = True) -> dict:
+    """Run (or resume) a training run; returns a summary with the final loss and where things were written."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from .recipes import make_recipe
+
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    set_seed(cfg.seed, device_specific=False)
+    out = Path(cfg.output_dir)
+    recipe = make_recipe(cfg, accelerator.device)
+    model = recipe.trainable
+    if cfg.gradient_checkpointing:
+        recipe.enable_gradient_checkpointing()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    loader = torch.utils.data.DataLoader(recipe.dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                                         num_workers=cfg.data.num_workers, collate_fn=recipe.collate)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    ema = None
+    if cfg.ema_decay:
+        ema = AveragedModel(accelerator.unwrap_model(model), multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay),
+                            use_buffers=True)
+        accelerator.register_for_checkpointing(ema)
+
+    step = 0
+    state_dir = out / "checkpoint"
+    if (state_dir / "step.json").is_file():  # resume
+        accelerator.load_state(str(state_dir))
+        step = json.loads((state_dir / "step.json").read_text())["step"]
+        accelerator.print(f"resumed from {state_dir} at step {step}")
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+
+    total = cfg.steps if max_steps is None else min(cfg.steps, step + max_steps)
+    bar = tqdm(total=total, initial=step, desc=f"train {cfg.recipe}", disable=not (progress and accelerator.is_main_process))
+    batches = _cycle(loader)
+    model.train()
+    running, losses = None, []
+    while step < total:
+        batch = recipe.prepare(next(batches))
+        with accelerator.autocast():
+            loss = model(batch)
+        accelerator.backward(loss)
+        if cfg.grad_clip:
+            accelerator.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update_parameters(accelerator.unwrap_model(model))
+        step += 1
+        value = loss.detach().float().item()
+        running = value if running is None else 0.98 * running + 0.02 * value
+        losses.append(value)
+        bar.update(1)
+        bar.set_postfix(loss=f"{running:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if step % cfg.log_every == 0 and accelerator.is_main_process:
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "loss": running}) + "\n")
+        if step % cfg.checkpoint_every == 0 or step == total:
+            _checkpoint(accelerator, state_dir, step)
+        if accelerator.is_main_process and (step % cfg.sample_every == 0 or step == cfg.steps):
+            grid = recipe.sample_grid(_eval_module(ema, accelerator, model))
+            if grid is not None:
+                (out / "samples").mkdir(exist_ok=True)
+                grid.save(out / "samples" / f"step_{step:06d}.png")
+    bar.close()
+    accelerator.wait_for_everyone()
+    summary = {"step": step, "loss": running, "output_dir": str(out)}
+    if step >= cfg.steps and accelerator.is_main_process:
+        export_dir = Path(cfg.export_dir or out / "export")
+        recipe.export(_eval_module(ema, accelerator, model), export_dir)
+        summary["export_dir"] = str(export_dir)
+    summary["params_checksum"] = float(sum(p.detach().double().sum() for p in accelerator.unwrap_model(model).parameters()))
+    summary["rank"] = accelerator.process_index
+    summary["world_size"] = accelerator.num_processes
+    return summary
+
+
+def _eval_module(ema, accelerator, model):
+    return ema.module if ema is not None else accelerator.unwrap_model(model)
+
+
+def _checkpoint(accelerator, state_dir: Path, step: int):
+    accelerator.save_state(str(state_dir))
+    if accelerator.is_main_process:
+        (state_dir / "step.json").write_text(json.dumps({"step": step}))
+    accelerator.wait_for_everyone()

@@ -1,0 +1,141 @@
+"""Latent diffusion training (ε-prediction, K3 cosine schedule, CFG dropout to the null embedding).
+
+Trainable: the U-Net, the projection and the null embedding, and optionally the T5 encoder (the released models
+keep FLAN-UL2 frozen; the nano family trains its tiny T5 too). The MoVQ is frozen.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...checkpoints.loading import Components, save_components
+from ...diffusion import NoiseSchedule
+from ...models.text import TextEncoder, build_word_tokenizer, make_projection
+from ...models.unet import UNet, UNetConfig
+from ...registry import SamplerDefaults, Variant
+from .base import Recipe, image_grid
+from .movq import load_movq_export
+
+SAMPLE_PROMPTS = [
+    "a red circle in the top left on a gray background",
+    "a large blue square in the center, white background",
+    "a small yellow star at the bottom right on a black background",
+    "a green triangle on the left and a purple circle on the right, gray background",
+]
+
+
+def build_text_encoder(spec: dict, context_dim: int) -> tuple[object, nn.Module]:
+    """Tokenizer + T5 encoder from a recipe's ``text_encoder`` section (a fresh tiny T5, or a pretrained path)."""
+    from transformers import AutoTokenizer, T5Config, T5EncoderModel
+
+    if spec.get("pretrained"):
+        return AutoTokenizer.from_pretrained(spec["pretrained"]), T5EncoderModel.from_pretrained(spec["pretrained"])
+    if spec.get("tokenizer", "world") != "world":
+        raise ValueError("text_encoder.tokenizer must be 'world' (or give text_encoder.pretrained)")
+    from ...world import vocabulary
+
+    tokenizer = build_word_tokenizer(vocabulary())
+    d_model = spec.get("d_model", 128)
+    config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_ff=spec.get("d_ff", 2 * d_model),
+                      d_kv=spec.get("d_kv", 32), num_layers=spec.get("num_layers", 2),
+                      num_heads=spec.get("num_heads", d_model // spec.get("d_kv", 32)),
+                      feed_forward_proj="gated-silu", relative_attention_num_buckets=spec.get("buckets", 16),
+                      relative_attention_max_distance=spec.get("max_distance", 32), dropout_rate=0.0,
+                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, tie_word_embeddings=False)
+    return tokenizer, T5EncoderModel(config)
+
+
+class DiffusionTrainable(nn.Module):
+    def __init__(self, unet: UNet, text: TextEncoder, train_text_encoder: bool):
+        super().__init__()
+        self.unet, self.text = unet, text
+        self.null_embedding = nn.Parameter(torch.randn(text.context_dim) * 0.02)
+        self.text.encoder.requires_grad_(train_text_encoder)
+        self.schedule = NoiseSchedule.named("cosine")
+
+    def forward(self, batch):
+        ids, mask, latents, drop = batch["ids"], batch["mask"], batch["latents"], batch["drop"]
+        length = int(mask.sum(1).max()) + 1
+        context = self.text._encode_ids(ids, mask, min(length, ids.shape[1]))
+        mask = mask[:, : context.shape[1]]
+        lengths = (mask.sum(1) + 1).clamp(max=ids.shape[1])
+        # classifier-free guidance dropout → the official null context (always in the graph, so DDP sees the
+        # null embedding used on every step)
+        null = torch.zeros_like(context)
+        null[:, 0] = self.null_embedding.to(context.dtype)
+        null_mask = torch.zeros_like(mask)
+        null_mask[:, 0] = 1
+        context = torch.where(drop[:, None, None], null, context)
+        mask = torch.where(drop[:, None], null_mask, mask)
+        t = torch.randint(0, self.schedule.num_timesteps, (latents.shape[0],), device=latents.device)
+        noise = torch.randn_like(latents)
+        x_t = self.schedule.q_sample(latents, t, noise)
+        eps = self.unet(x_t, t.float(), context, mask, None, lengths)
+        return F.mse_loss(eps.float(), noise)
+
+
+class DiffusionRecipe(Recipe):
+    def __init__(self, cfg, device):
+        super().__init__(cfg, device)
+        m = cfg.model
+        self.unet_config = UNetConfig.from_dict(m.get("unet", {}))
+        self.movq = load_movq_export(m["movq"]).to(device)
+        torch.manual_seed(cfg.seed)
+        tokenizer, t5 = build_text_encoder(m.get("text_encoder", {}), self.unet_config.context_dim)
+        projection = make_projection(t5.config.d_model, self.unet_config.context_dim)
+        text = TextEncoder(tokenizer, t5, projection, None)
+        self.trainable = DiffusionTrainable(UNet(self.unet_config), text, m.get("train_text_encoder", True))
+        self.variant = Variant(m.get("name", "custom"), m.get("description", "trained with kandinsky3 train"),
+                               self.unet_config, self.movq.config, SamplerDefaults(**m.get("sampler", {})),
+                               size=cfg.data.size, hub_repo=None, movq_file=None, text_encoder_dir=None)
+        self._cache_latents()
+
+    @torch.no_grad()
+    def _cache_latents(self):
+        tensors = getattr(self.dataset, "tensors", None)
+        if tensors is None or "image" not in tensors:
+            return
+        images = tensors.pop("image")
+        tensors["latents"] = torch.cat([self.movq.encode_untiled(chunk.to(self.device)).cpu()
+                                        for chunk in images.split(256)])
+
+    def prepare(self, batch):
+        text = self.trainable.text if not hasattr(self.trainable, "module") else self.trainable.module.text
+        ids, mask = text.tokenize(batch["caption"])
+        if "latents" in batch:
+            latents = batch["latents"].to(self.device)
+        else:
+            with torch.no_grad():
+                latents = self.movq.encode(batch["image"].to(self.device)).float()
+        drop = torch.rand(len(batch["caption"])) < self.cfg.cfg_dropout
+        return {"ids": ids.to(self.device), "mask": mask.to(self.device), "latents": latents,
+                "drop": drop.to(self.device)}
+
+    def enable_gradient_checkpointing(self):
+        self.trainable.unet.gradient_checkpointing = True
+
+    def pipeline(self, module):
+        from ...pipeline import Kandinsky3
+
+        text = TextEncoder(module.text.tokenizer, module.text.encoder, module.text.projection,
+                           module.null_embedding.detach())
+        return Kandinsky3(Components(self.variant, module.unet, self.movq, text), device=self.device)
+
+    @torch.no_grad()
+    def sample_grid(self, module):
+        was_training = module.training
+        module.eval()
+        pipe = self.pipeline(module)
+        rows = [pipe.generate(SAMPLE_PROMPTS, seed=0, steps=25, progress=False),
+                pipe.generate(SAMPLE_PROMPTS, seed=1, steps=25, progress=False)]
+        module.train(was_training)
+        return image_grid(rows)
+
+    def export(self, module, path):
+        module.eval()
+        pipe = self.pipeline(module)
+        save_components(Components(self.variant, pipe.unet, pipe.movq, pipe.text_encoder), Path(path), "native")

@@ -1,0 +1,54 @@
+"""Deterministic captioned samples of the shapes world, as a map-style torch dataset."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .captions import caption_scene
+from .render import render
+from .scene import Scene, sample_scene
+
+SPLIT_SEEDS = {"train": 0, "val": 1_000_003, "held_out": 2_000_003, "test": 3_000_017}
+
+
+@dataclass
+class Sample:
+    scene: Scene
+    caption: str
+    image: Image.Image
+
+
+def world_sample(index: int, split: str = "train", size: int = 64, num_objects: int | None = None,
+                 complete_caption: bool = False) -> Sample:
+    """Sample ``index`` of a split: the same scene, caption and pixels on every machine."""
+    rng = random.Random(SPLIT_SEEDS[split] + index * 7919)
+    scene = sample_scene(rng, num_objects, split="held_out" if split == "held_out" else
+                         ("train" if split == "train" else "any"))
+    caption = caption_scene(scene, rng, complete=complete_caption)
+    return Sample(scene, caption, render(scene, size).image)
+
+
+class ShapesDataset(torch.utils.data.Dataset):
+    """(image in [-1, 1] (3, S, S), caption) pairs; ``sizes`` > 1 also returns the same scene at other sizes."""
+
+    def __init__(self, length: int, split: str = "train", size: int = 64, extra_sizes: tuple[int, ...] = ()):
+        self.length, self.split, self.size, self.extra_sizes = length, split, size, extra_sizes
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        s = world_sample(index, self.split, self.size)
+        item = {"image": to_tensor(s.image), "caption": s.caption}
+        for extra in self.extra_sizes:
+            item[f"image_{extra}"] = to_tensor(render(s.scene, extra).image)
+        return item
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()

@@ -1,0 +1,43 @@
+import subprocess
+import sys
+
+import pytest
+
+from kandinsky3 import read_metadata
+from kandinsky3.cli import main
+
+
+def test_generate_writes_png_with_metadata(tmp_path, capsys):
+    out = tmp_path / "x.png"
+    assert main(["generate", "a red circle", "--model", "tiny", "--seed", "0", "--steps", "3", "--out", str(out),
+                 "--no-progress"]) == 0
+    meta = read_metadata(out)
+    assert meta["prompt"] == "a red circle" and meta["seed"] == 0 and meta["steps"] == 3
+
+
+def test_several_images_get_numbered(tmp_path):
+    assert main(["generate", "a star", "--model", "tiny", "--num-images", "2", "--steps", "2", "--out",
+                 str(tmp_path / "s.png"), "--no-progress"]) == 0
+    assert (tmp_path / "s-0.png").is_file() and (tmp_path / "s-1.png").is_file()
+
+
+def test_errors_exit_2_with_a_message(tmp_path, capsys):
+    assert main(["generate", "x", "--model", "tiny", "--width", "100", "--out", str(tmp_path / "x.png")]) == 2
+    assert "multiple of 64" in capsys.readouterr().err
+    assert main(["generate", "x", "--model", "no-such-model"]) == 2
+    assert "unknown model" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_convert_and_info(tmp_path, capsys, tiny):
+    tiny.save_pretrained(tmp_path / "official", layout="official")
+    assert main(["convert", str(tmp_path / "official"), str(tmp_path / "d"), "--to", "diffusers"]) == 0
+    assert main(["info", str(tmp_path / "d")]) == 0
+    out = capsys.readouterr().out
+    assert "diffusers layout" in out and "748 tensors" in out and "base-custom" in out
+
+
+@pytest.mark.parametrize("command", ["generate", "edit", "inpaint", "outpaint", "convert", "info"])
+def test_help_has_examples(command):
+    result = subprocess.run([sys.executable, "-m", "kandinsky3.cli", command, "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "examples:" in result.stdout
