@@ -75,3 +75,36 @@ def test_two_processes_agree(movq_export, tmp_path):
     assert sorted(s["rank"] for s in summaries) == [0, 1]
     assert all(s["world_size"] == 2 and s["step"] == 3 for s in summaries)
     assert summaries[0]["params_checksum"] == summaries[1]["params_checksum"]
+
+
+def test_ema_forgets_the_initial_weights():
+    """With the warm-up decay the average follows training; a constant 0.999 would still hold 82 % of step 0."""
+    import torch
+    from torch.optim.swa_utils import AveragedModel
+
+    from kandinsky3.training.loop import ema_update
+
+    model = torch.nn.Linear(2, 2)
+    ema = AveragedModel(model, multi_avg_fn=ema_update(0.999), use_buffers=True)
+    for step in range(200):
+        with torch.no_grad():
+            model.weight.fill_(float(step))
+        ema.update_parameters(model)
+    assert 150 < ema.module.weight[0, 0].item() < 199
+
+
+def test_latent_rescale_is_an_exact_reparametrisation():
+    import torch
+
+    from kandinsky3.models import MoVQ, MoVQConfig
+    from kandinsky3.training.recipes.movq import rescale_latents
+
+    movq = MoVQ(MoVQConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), resolution=16)).eval()
+    for p in movq.parameters():
+        p.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        z, recon = movq.encode(x), movq(x)
+        rescale_latents(movq, 2.5)
+        assert torch.allclose(movq.encode(x), z / 2.5, atol=1e-6)
+        assert torch.allclose(movq(x), recon, atol=1e-5)

@@ -3,7 +3,6 @@
 import random
 
 import numpy as np
-import pytest
 
 from kandinsky3.world import (BACKGROUNDS, COLORS, HELD_OUT_PAIRS, POSITIONS, caption_scene, judge, parse_caption,
                               render, sample_scene, world_sample)

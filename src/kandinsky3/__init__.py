@@ -6,10 +6,11 @@ from .models import MoVQ, MoVQConfig, UNet, UNetConfig
 from .pipeline import Kandinsky3
 from .registry import VARIANTS
 from .settings import GenerationSettings
+from .superres import SuperRes
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "GenerationSettings", "Kandinsky3", "MoVQ", "MoVQConfig", "UNet", "UNetConfig", "VARIANTS",
-    "read_metadata", "save_image",
+    "SuperRes", "read_metadata", "save_image",
 ]

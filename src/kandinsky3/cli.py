@@ -12,7 +12,9 @@ EXAMPLES = {
   kandinsky3 generate "a red circle in the top left on a gray background" --seed 0 --out circle.png
   kandinsky3 generate "a large blue star" --num-images 4 --out stars.png        # stars-0.png … stars-3.png
   kandinsky3 generate "a cat in a hat" --model base --width 1024 --height 768 --negative "blurry"
-  kandinsky3 generate "a cat in a hat" --model flash --dtype bf16               # 4 steps, no guidance""",
+  kandinsky3 generate "a cat in a hat" --model flash --dtype bf16               # 4 steps, no guidance
+  kandinsky3 generate "a star" --beautify template                               # fill unstated attributes
+  kandinsky3 generate "a cat" --model base --beautify "server http://127.0.0.1:8000"   # vLLM / llama.cpp / Ollama""",
     "edit": """examples:
   kandinsky3 edit photo.png "the same scene in winter" --strength 0.5 --out winter.png""",
     "inpaint": """examples:
@@ -31,7 +33,13 @@ EXAMPLES = {
   (an interrupted run resumes from OUTPUT_DIR/checkpoint when started again)""",
     "eval": """examples:
   kandinsky3 eval alignment --model nano --num 500     # judge-read alignment at the default guidance and at 0
-  kandinsky3 eval movq --model nano --num 500          # MoVQ reconstruction PSNR on held-out renders""",
+  kandinsky3 eval movq --model nano --num 500          # MoVQ reconstruction PSNR on held-out renders
+  kandinsky3 eval superres --world 100                 # nano upscaler vs bicubic / Lanczos on world scenes
+  kandinsky3 eval superres --hr-dir ./DIV2K_valid_HR --model x4 --num 100""",
+    "upscale": """examples:
+  kandinsky3 upscale small.png --scale 4 --out big.png                  # the nano upscaler
+  kandinsky3 upscale photo.png --model x4 --dtype fp16 --out photo4k.png  # KandiSuperRes, 1024-px views
+  kandinsky3 upscale photo.png --model x4 --window 0                     # whole image as one view""",
     "info": """examples:
   kandinsky3 info                      # the embedded nano model
   kandinsky3 info ./Kandinsky3.1 --variant flash""",
@@ -79,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="text → image", formatter_class=_formatter, epilog=EXAMPLES["generate"])
     p.add_argument("prompt", nargs="?", default="", help="the prompt (empty: unconditional)")
+    p.add_argument("--upscale", type=int, default=None, choices=[2, 4], help="chain the nano upscaler (2× or 4×)")
+    p.add_argument("--beautify", nargs="?", const="local", default=None, metavar="BACKEND",
+                   help="expand the prompt first: local (an LLM, the default when no backend is named), template, "
+                        "or 'server URL' (an OpenAI-compatible endpoint)")
     _add_model_args(p)
     _add_sampling_args(p)
 
@@ -126,7 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="measure a model: text alignment (shapes world) or MoVQ reconstruction",
                        formatter_class=_formatter, epilog=EXAMPLES["eval"])
-    p.add_argument("what", choices=["alignment", "movq"])
+    p.add_argument("what", choices=["alignment", "movq", "superres"])
+    p.add_argument("--hr-dir", default=None, help="superres: a folder of high-res images (LR = bicubic downscale)")
+    p.add_argument("--world", type=int, default=None, help="superres: N held-out shapes-world scenes instead")
+    p.add_argument("--scale", type=int, default=4)
     p.add_argument("--model", default=None, help="nano (default) or a model folder trained on the shapes world")
     p.add_argument("--num", type=int, default=500, help="number of captions / images (default 500)")
     p.add_argument("--held-out", type=int, default=None, help="captions with held-out colour+shape pairs (num/5)")
@@ -135,6 +150,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-baseline", action="store_true", help="skip the guidance-0 comparison")
     p.add_argument("--device", default=None)
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+
+    p = sub.add_parser("upscale", help="super-resolution (KandiSuperRes) of an image", formatter_class=_formatter,
+                       epilog=EXAMPLES["upscale"])
+    p.add_argument("image")
+    p.add_argument("--scale", type=int, default=None, help="2 or 4 (default: the model's)")
+    p.add_argument("--model", default=None, help="nano (default), x4, x2, flash-x2, tiny or a folder")
+    p.add_argument("--steps", type=int, default=None, help="solver steps (default 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--window", type=int, default=None, help="view size in output pixels (0: the whole image)")
+    p.add_argument("--stride", type=int, default=None, help="view stride in output pixels (default 800 for 1024)")
+    p.add_argument("--view-batch-size", type=int, default=None, help="views per U-Net batch (default 15)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--out", default="upscaled.png")
+    p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("info", help="what a model folder holds, with parameter counts", formatter_class=_formatter,
                        epilog=EXAMPLES["info"])
@@ -204,9 +234,20 @@ def _info(args):
 def _eval(args):
     from .pipeline import Kandinsky3
 
-    pipe = Kandinsky3.from_pretrained(args.model, device=args.device)
     results = {}
-    if args.what == "movq":
+    pipe = None if args.what == "superres" else Kandinsky3.from_pretrained(args.model, device=args.device)
+    if args.what == "superres":
+        from .eval.superres import evaluate_superres, format_table, pairs_from_folder, pairs_from_world
+        from .superres import SuperRes
+
+        sr = SuperRes.from_pretrained(args.model, device=args.device)
+        if args.hr_dir:
+            pairs = pairs_from_folder(args.hr_dir, args.scale, args.num)
+        else:
+            pairs = pairs_from_world(args.world or 100, args.scale)
+        results = evaluate_superres(sr, pairs, args.scale)
+        print(format_table(results))
+    elif args.what == "movq":
         from .eval.metrics import movq_psnr
         from .world.dataset import to_tensor, world_sample
 
@@ -237,6 +278,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.dst} ({args.to} layout, variant {raw.variant.name})")
         elif args.command == "info":
             _info(args)
+        elif args.command == "upscale":
+            from .superres import SuperRes
+
+            sr = SuperRes.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+            image = sr.upscale(args.image, args.scale, args.steps, args.seed, window=args.window, stride=args.stride,
+                               view_batch_size=args.view_batch_size, progress=not args.no_progress)
+            _save_all([image], args.out)
         elif args.command == "eval":
             _eval(args)
         elif args.command == "train":
@@ -252,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
             pipe = _pipeline(args)
             progress = not args.no_progress
             if args.command == "generate":
-                images = pipe.generate(args.prompt, args.negative, progress=progress, **_sampling(args))
+                images = pipe.generate(args.prompt, args.negative, progress=progress, beautify=args.beautify,
+                                       upscale=args.upscale, **_sampling(args))
             elif args.command == "edit":
                 images = pipe.edit(args.image, args.prompt, args.strength, args.negative, progress=progress,
                                    **_sampling(args))

@@ -94,15 +94,57 @@ class Kandinsky3:
     # -- public tasks ------------------------------------------------------------------------------------------
 
     def generate(self, prompt: str | list[str] = "", negative_prompt: str | list[str] | None = None, *,
-                 generator: torch.Generator | None = None, progress: bool = True, **settings) -> list[Image.Image]:
+                 generator: torch.Generator | None = None, progress: bool = True, beautify=None,
+                 upscale=None, **settings) -> list[Image.Image]:
         """Text → image. ``settings``: steps, guidance, width, height, num_images, seed, sampler, eta,
-        threshold_percentile (see :class:`GenerationSettings`). An empty prompt means unconditional generation."""
+        threshold_percentile (see :class:`GenerationSettings`). An empty prompt means unconditional generation.
+
+        ``beautify``: True / "local" (an LLM), "template" (shapes world, no model), "server URL", or a
+        :class:`~kandinsky3.prompts.Beautifier`; the prompt actually used is in each image's metadata
+        (``prompt``, with ``original_prompt``).
+
+        ``upscale``: 2 or 4 chains the default upscaler (:class:`~kandinsky3.superres.SuperRes`, nano) after
+        generation; pass a ``SuperRes`` to use another one at its own scale."""
         s = self._settings(settings)
         check_size(s.width, s.height, self.size_multiple)
         prompts = self._prompts(prompt)
+        originals = None
+        if beautify:
+            originals = prompts
+            prompts = [self.beautify(p, beautify).prompt for p in prompts]
         start = tasks.text_to_image(len(prompts) * s.num_images, s.width, s.height, self.latent_channels,
                                     self.latent_factor)
-        return self._run("generate", prompts, negative_prompt, s, start, None, generator, progress)
+        images = self._run("generate", prompts, negative_prompt, s, start, None, generator, progress, originals)
+        return self._upscale(images, upscale, progress) if upscale else images
+
+    def _upscale(self, images: list[Image.Image], upscale, progress: bool) -> list[Image.Image]:
+        from .images import read_metadata
+        from .superres import SuperRes
+
+        if isinstance(upscale, SuperRes):
+            upscaler, scale = upscale, upscale.scale
+        else:
+            if "_upscaler" not in self.__dict__:
+                self._upscaler = SuperRes.from_pretrained(device=self.device)
+            upscaler, scale = self._upscaler, int(upscale)
+        out = []
+        for image in images:
+            meta = read_metadata(image)
+            big = upscaler.upscale(image, scale, seed=meta.get("seed"), progress=progress)
+            out.append(with_metadata(big, {**meta, "upscale": scale, "upscaler": upscaler.name}))
+        return out
+
+    def beautify(self, prompt: str, beautifier=True):
+        """Expand ``prompt`` with a beautifier (see :mod:`kandinsky3.prompts`), within the text encoder's budget.
+
+        Beautifiers are cached on the pipeline, so the same prompt is expanded once per session."""
+        from .prompts import make_beautifier
+
+        key = beautifier if isinstance(beautifier, (str, bool)) else id(beautifier)
+        cache = self.__dict__.setdefault("_beautifiers", {})
+        if key not in cache:
+            cache[key] = make_beautifier(beautifier)
+        return cache[key](prompt, self.text_encoder.tokenizer, self.text_encoder.max_length)
 
     def edit(self, image, prompt: str | list[str] = "", strength: float = 0.3,
              negative_prompt: str | list[str] | None = None, *, generator=None, progress: bool = True,
@@ -190,7 +232,7 @@ class Kandinsky3:
                             rep(neg_mask) if guided else None, extra, context_lengths=rep(lengths))
 
     def _run(self, task: str, prompts, negative, s: GenerationSettings, start: tasks.Start, extra, generator,
-             progress) -> list[Image.Image]:
+             progress, original_prompts=None) -> list[Image.Image]:
         if s.sampler == "flash" and (s.guidance or negative is not None):
             warnings.warn("the Flash sampler uses no classifier-free guidance: guidance and negative prompts are ignored",
                           stacklevel=3)
@@ -214,6 +256,8 @@ class Kandinsky3:
             meta = {"task": task, "model": self.variant.name, "prompt": prompts[p],
                     "negative_prompt": None if negatives is None else negatives[p], "seed": seed,
                     "index": i, **{k: v for k, v in s.to_dict().items() if k != "seed"}}
+            if original_prompts is not None:
+                meta["original_prompt"] = original_prompts[p]
             out.append(with_metadata(image, meta))
         return out
 

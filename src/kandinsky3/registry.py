@@ -80,8 +80,9 @@ VARIANTS: dict[str, Variant] = {
         Variant(
             "nano", "nano: tiny K3 trained by this project on the procedural shapes world (64 px), the default",
             UNetConfig(model_channels=64, init_channels=32, time_embed_dim=256, context_dim=128, groups=16,
-                       head_dim=32, dim_mult=(1, 2, 2, 4), num_blocks=(2, 2, 2, 2)),
-            movq=MoVQConfig(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(), resolution=64,
+                       head_dim=32, dim_mult=(1, 2, 3), num_blocks=(2, 2, 2), add_cross_attention=(False, True, True),
+                       add_self_attention=(False, True, True)),
+            movq=MoVQConfig(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(8,), resolution=64,
                             tile_sample_min_size=64),
             size=64, text_encoder="nano-t5", hub_repo=None, movq_file=None, text_encoder_dir=None, local_dir=NANO_DIR,
         ),
@@ -105,3 +106,31 @@ def get_variant(name: str) -> Variant:
         raise ValueError(f"unknown model {name!r}: use one of {', '.join(VARIANTS)}, a Hugging Face repo id "
                          f"(e.g. {OFFICIAL_REPO} or {DIFFUSERS_REPO}) or a local folder")
     return VARIANTS[key]
+
+
+SUPERRES_REPO = "ai-forever/KandiSuperRes"
+NANO_SR_DIR = Path(__file__).parent / "weights" / "nano-sr"
+
+
+@dataclass(frozen=True)
+class SuperResVariant:
+    name: str
+    description: str
+    scale: int
+    mode: str = "standard"  # standard | flash
+    file: str | None = None  # in SUPERRES_REPO
+    local_dir: Path | None = None
+
+
+SUPERRES_VARIANTS: dict[str, SuperResVariant] = {
+    v.name: v
+    for v in [
+        SuperResVariant("x4", "KandiSuperRes 4×: 5 DPM-Solver++ steps over 1024-px views", 4, file="KandiSuperRes.ckpt"),
+        SuperResVariant("x2", "KandiSuperRes 2×", 2, file="KandiSuperRes_x2.ckpt"),
+        SuperResVariant("flash-x2", "KandiSuperRes Flash 2×: 4 steps + K3 Flash latent refine", 2, mode="flash",
+                        file="KandiSuperRes_flash_x2.pt"),
+        SuperResVariant("nano", "nano upscaler trained on the shapes world (64 → 256 px), the default", 4,
+                        local_dir=NANO_SR_DIR),
+        SuperResVariant("tiny", "random-weight test preset", 4),
+    ]
+}

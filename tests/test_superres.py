@@ -1,0 +1,87 @@
+"""KandiSuperRes: the full-size layout, MultiDiffusion views, the standard and Flash paths, bad input."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kandinsky3.checkpoints.superres import infer_config
+from kandinsky3.diffusion.tiling import get_views
+from kandinsky3.models.superres import SuperResUNet, SuperResUNetConfig
+from kandinsky3.superres import RefineParts, SuperRes, make_dpm_scheduler
+
+
+@pytest.fixture(scope="module")
+def sr():
+    return SuperRes.from_pretrained("tiny", device="cpu")
+
+
+def _image(w=24, h=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8))
+
+
+def test_full_size_layout_on_meta():
+    with torch.device("meta"):
+        sd = SuperResUNet().state_dict()
+    assert len(sd) == 496 and sum(t.numel() for t in sd.values()) == 413_205_251
+    assert tuple(sd["init_conv.weight"].shape) == (128, 6, 3, 3)
+    assert tuple(sd["up_samples.1.resnet_attn_blocks.7.0.in_block.change_resolution.change_resolution.weight"].shape) \
+        == (512, 512, 4, 4)
+    assert not any(re.search(r"resnet_attn_blocks\.\d+\.1\.", k) for k in sd)  # the attention slot is empty
+    assert infer_config(sd) == SuperResUNetConfig()
+
+
+def test_views_and_scheduler_golden_values():
+    views = get_views(4096, 4096)
+    assert len(views) == 25 and views[0] == (0, 1024, 0, 1024) and views[1] == (0, 1024, 800, 1824)
+    assert views[4] == (0, 1024, 3072, 4096) and views[-1] == (3072, 4096, 3072, 4096)
+    assert get_views(500, 700) == [(0, 500, 0, 700)]
+    assert list(make_dpm_scheduler(5).timesteps) == [999, 799, 599, 400, 200]
+
+
+def test_output_is_exactly_scale_times_the_input(sr):
+    for scale in (2, 4):
+        out = sr.upscale(_image(25, 17), scale=scale, steps=2, progress=False)
+        assert out.size == (25 * scale, 17 * scale)
+
+
+def test_window_as_large_as_the_image_equals_untiled(sr):
+    image = _image(20, 20)
+    tiled = sr.upscale(image, steps=2, seed=3, window=80, stride=60, progress=False)
+    whole = sr.upscale(image, steps=2, seed=3, window=0, progress=False)
+    assert np.array_equal(np.asarray(tiled), np.asarray(whole))
+
+
+def test_views_batches_keep_their_own_solver_history(sr):
+    """Several views in batches of 1 vs all views in one batch: the same result (each batch has its own history)."""
+    image = _image(24, 24, seed=1)
+    a = sr.upscale(image, steps=3, seed=0, window=48, stride=32, view_batch_size=1, progress=False)
+    b = sr.upscale(image, steps=3, seed=0, window=48, stride=32, view_batch_size=16, progress=False)
+    assert np.abs(np.asarray(a, int) - np.asarray(b, int)).max() <= 1
+
+
+def test_flash_path_end_to_end_with_tiny_refiner(sr, tiny):
+    from kandinsky3.superres import refine_context_from_text_encoder
+
+    context, mask = refine_context_from_text_encoder(tiny.text_encoder)
+    assert context.shape == (1, 128, 64) and mask[0, :2].tolist() == [1, 0]
+    refine = RefineParts(tiny.unet, tiny.movq, context, mask, tile=8, stride=6)
+    flash = SuperRes(sr.unet, scale=2, mode="flash", refine=refine, device="cpu", name="tiny-flash")
+    out = flash.upscale(_image(75, 45), progress=False)  # cut to 64x32 inside, back to exactly 2x at the end
+    assert out.size == (150, 90)
+    plain = flash.upscale(_image(75, 45), refine=False, progress=False)
+    assert plain.size == (150, 90) and not np.array_equal(np.asarray(out), np.asarray(plain))
+
+
+def test_bad_input(sr):
+    with pytest.raises(ValueError, match="unsupported scale 3"):
+        sr.upscale(_image(), scale=3)
+    with pytest.raises(ValueError, match="empty"):
+        sr.upscale(Image.new("RGB", (0, 5)))
+    with pytest.raises(ValueError, match="unsupported image mode"):
+        sr.upscale(Image.new("I;16", (8, 8)))
+    with pytest.raises(ValueError, match="unknown upscaler"):
+        SuperRes.from_pretrained("x8")
