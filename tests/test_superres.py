@@ -85,3 +85,39 @@ def test_bad_input(sr):
         sr.upscale(Image.new("I;16", (8, 8)))
     with pytest.raises(ValueError, match="unknown upscaler"):
         SuperRes.from_pretrained("x8")
+
+
+@pytest.fixture(scope="module")
+def nano_sr():
+    return SuperRes.from_pretrained(device="cpu")
+
+
+def test_nano_upscaler_beats_bicubic_psnr_on_held_out_scenes(nano_sr):
+    """PSNR only: on 50 scenes the committed nano upscaler is at 36.4 dB vs bicubic 34.1, but its SSIM is
+    0.980 vs 0.982 (noise left in flat areas) — that half of the issue is not met yet (docs/superres.md)."""
+    from kandinsky3.eval.superres import evaluate_superres, pairs_from_world
+
+    table = evaluate_superres(nano_sr, pairs_from_world(8, 4), 4, fid=False, progress=False)
+    assert table["model"]["psnr"] > table["bicubic"]["psnr"] + 1.0
+
+
+@pytest.mark.xfail(strict=True, reason="the committed nano upscaler leaves a seam: border jump 40 vs 37 inside "
+                   "(docs/superres.md); strict, so it reports when a retrained model fixes it")
+def test_no_seam_across_view_borders(nano_sr):
+    """A smooth gradient spanning several 64-px views: the largest jump between neighbouring pixels across a view
+    border is no larger than the largest jump inside a view."""
+    y, x = np.mgrid[0:40, 0:48]
+    grad = np.stack([x * 5, y * 6, 255 - x * 2 - y * 2], axis=-1).clip(0, 255).astype(np.uint8)
+    window, stride = 64, 48
+    out = np.asarray(nano_sr.upscale(Image.fromarray(grad), scale=4, seed=0, window=window, stride=stride,
+                                     progress=False), dtype=float)
+    views = get_views(out.shape[0], out.shape[1], window, stride)
+    cols = sorted({v[2] for v in views} | {v[3] for v in views} - {0, out.shape[1]})
+    rows = sorted({v[0] for v in views} | {v[1] for v in views} - {0, out.shape[0]})
+    dx = np.abs(np.diff(out, axis=1)).max(axis=(0, 2))  # jump between column c and c+1
+    dy = np.abs(np.diff(out, axis=0)).max(axis=(1, 2))
+    border_x, border_y = [c - 1 for c in cols if 0 < c < out.shape[1]], [r - 1 for r in rows if 0 < r < out.shape[0]]
+    inside = max(np.delete(dx, border_x).max(), np.delete(dy, border_y).max())
+    across = max(dx[border_x].max(), dy[border_y].max())
+    assert len(views) > 4
+    assert across <= inside
