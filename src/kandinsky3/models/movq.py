@@ -6,18 +6,21 @@ Large images are encoded / decoded in tiles (spec §5.4) so memory stays bounded
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import FrozenConfig
 from .tiles import tiled_map
 
 
 @dataclass(frozen=True)
-class MoVQConfig:
+class MoVQConfig(FrozenConfig):
     """The official generator config (``get_movq``) plus the KandiSuperRes tiling keys."""
+
+    _tuple_fields = ("ch_mult", "attn_resolutions")
 
     ch: int = 256
     out_ch: int = 3
@@ -36,21 +39,9 @@ class MoVQConfig:
     tile_overlap_factor_dec: float = 0.25
     use_tiling: bool = True
 
-    def __post_init__(self):
-        object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
-        object.__setattr__(self, "attn_resolutions", tuple(self.attn_resolutions))
-
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "MoVQConfig":
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def nonlinearity(x: torch.Tensor) -> torch.Tensor:

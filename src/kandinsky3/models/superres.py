@@ -6,17 +6,20 @@ Attribute names follow the official ``KandiSuperRes/model/unet_sr.py`` so ``Kand
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import FrozenConfig
 from .unet import SinusoidalPosEmb
 
 
 @dataclass(frozen=True)
-class SuperResUNetConfig:
+class SuperResUNetConfig(FrozenConfig):
+    _tuple_fields = ("dim_mult", "num_resnet_blocks")
+
     init_channels: int = 128
     model_channels: int = 128
     num_channels: int = 3
@@ -27,20 +30,10 @@ class SuperResUNetConfig:
     dropout: float = 0.1
     skip_connect_scale: float = 1.0
 
-    def __post_init__(self):
-        object.__setattr__(self, "dim_mult", tuple(self.dim_mult))
-        object.__setattr__(self, "num_resnet_blocks", tuple(self.num_resnet_blocks))
-
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.dim_mult) - 1)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "SuperResUNetConfig":
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
 class UpDownResolution(nn.Module):

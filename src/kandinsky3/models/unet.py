@@ -8,16 +8,20 @@ Module attribute names mirror the official ``kandinsky3/model/unet.py`` and ``nn
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import FrozenConfig
+
 
 @dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(FrozenConfig):
     """Constructor arguments of the official ``UNet`` (same names, same meaning)."""
+
+    _tuple_fields = ("dim_mult", "num_blocks", "add_cross_attention", "add_self_attention")
 
     model_channels: int = 384
     init_channels: int | None = 192
@@ -35,8 +39,7 @@ class UNetConfig:
     add_self_attention: tuple[bool, ...] = (False, True, True, True)
 
     def __post_init__(self):
-        for name in ("dim_mult", "num_blocks", "add_cross_attention", "add_self_attention"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
+        super().__post_init__()
         levels = {len(self.dim_mult), len(self.num_blocks), len(self.add_cross_attention), len(self.add_self_attention)}
         if len(levels) != 1:
             raise ValueError("dim_mult, num_blocks, add_cross_attention and add_self_attention need one entry per level")
@@ -55,14 +58,6 @@ class UNetConfig:
     def downsample_factor(self) -> int:
         """How much smaller the deepest feature map is than the latent."""
         return 2 ** (len(self.dim_mult) - 1)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "UNetConfig":
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 # --------------------------------------------------------------------------------------------------------------
