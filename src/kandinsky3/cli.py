@@ -203,8 +203,6 @@ def _save_all(images, out: str):
 
 
 def _info(args):
-    import torch
-
     from .checkpoints import layouts
     from .checkpoints.loading import resolve
     from .registry import get_variant
@@ -228,7 +226,6 @@ def _info(args):
 
         cfg = AutoConfig.from_pretrained(raw.text_encoder_dir)
         print(f"text enc.:   T5 d_model {cfg.d_model}, {cfg.num_layers} layers, vocab {cfg.vocab_size}  ({raw.text_encoder_dir})")
-    del torch
 
 
 def _eval(args):

@@ -163,8 +163,7 @@ def movq_key_to_diffusers(key: str, num_levels: int) -> str:
     rest = rest.replace("mid.attn_1.", "mid_block.attentions.0.")
     rest = rest.replace("norm_out.", "conv_norm_out.").replace("nin_shortcut", "conv_shortcut")
     if part == "encoder":
-        rest = rest.replace(".norm_layer", "").replace("conv_norm_out.norm_layer.", "conv_norm_out.")
-        rest = rest.replace("attentions.0.norm.", "attentions.0.group_norm.")
+        rest = rest.replace(".norm_layer", "")
         rest = re.sub(r"(attentions\.\d+\.)norm\.", r"\1group_norm.", rest)
     else:
         rest = re.sub(r"(attentions\.\d+\.)norm\.", r"\1spatial_norm.", rest)
