@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from kandinsky3 import Kandinsky3
@@ -53,6 +54,16 @@ def test_resume_continues_from_the_checkpoint(movq_export, tmp_path):
     assert json.loads((tmp_path / "checkpoint" / "step.json").read_text())["step"] == 2
     second = train(cfg, progress=False)
     assert second["step"] == 4 and Path(second["export_dir"]).is_dir()
+    # the encoded latents were kept for the resume, and they are the MoVQ's encoding of the dataset
+    from safetensors.torch import load_file
+
+    from kandinsky3.training.data import make_dataset
+    from kandinsky3.training.recipes.movq import load_movq_export
+
+    (cache,) = tmp_path.glob("latents-*.safetensors")
+    images = make_dataset(cfg.data).tensors["image"]
+    expected = load_movq_export(movq_export).encode_untiled(images)
+    assert torch.allclose(load_file(cache)["latents"], expected, atol=1e-5)
 
 
 def test_bad_config_is_a_clear_error():
@@ -108,3 +119,76 @@ def test_latent_rescale_is_an_exact_reparametrisation():
         rescale_latents(movq, 2.5)
         assert torch.allclose(movq.encode(x), z / 2.5, atol=1e-6)
         assert torch.allclose(movq(x), recon, atol=1e-5)
+
+
+def test_decoder_fine_tune_keeps_the_latent_space(movq_export, tmp_path):
+    """train_encoder: false changes the decoder only, so latents (and a U-Net trained on them) stay valid."""
+    import torch
+
+    from kandinsky3.training.recipes.movq import load_movq_export
+
+    cfg = TrainConfig.from_dict({"recipe": "movq", "output_dir": str(tmp_path), "data": {"length": 16},
+                                 "model": {"init": str(movq_export), "train_encoder": False, "edge_weight": 10.0,
+                                           "latent_noise": 0.1},
+                                 "steps": 3, "batch_size": 8, "lr": 1e-2, "warmup_steps": 1, "ema_decay": None,
+                                 "checkpoint_every": 3, "sample_every": 100})
+    before, after = load_movq_export(movq_export), load_movq_export(train(cfg, progress=False)["export_dir"])
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    assert torch.equal(before.encode(x), after.encode(x))
+    changed = [k for k, v in before.decoder.state_dict().items() if not torch.equal(v, after.decoder.state_dict()[k])]
+    assert changed
+
+
+def test_edge_map_marks_pixels_near_colour_changes():
+    import torch
+
+    from kandinsky3.training.recipes.movq import edge_map
+
+    x = -torch.ones(1, 3, 16, 16)
+    x[:, 0, 6:10, 6:10] = 1.0  # a red 4×4 square
+    m = edge_map(x, radius=1)[0, 0]
+    assert m[0, 0] == 0 and m[15, 15] == 0 and m[8, 3] == 0  # far from the square
+    assert m[5, 7] == 1 and m[8, 10] == 1 and m[6, 6] == 1  # on or next to its border
+
+
+def test_min_snr_weight():
+    import torch
+
+    from kandinsky3.diffusion import NoiseSchedule
+    from kandinsky3.training.recipes.diffusion import min_snr_weight
+
+    abar = NoiseSchedule.named("cosine").alphas_cumprod
+    w = min_snr_weight(abar, 5.0)
+    snr = abar / (1 - abar)
+    assert torch.isfinite(w).all() and (w <= 1).all() and (w > 0).all()
+    assert torch.allclose(w[snr > 5], 5 / snr[snr > 5]) and (w[snr <= 5] == 1).all()
+    assert w[0] < 0.01 and w[999] == 1  # nearly clean steps count little, noisy ones fully
+
+
+def test_config_extends_another(tmp_path):
+    (tmp_path / "base.yaml").write_text("recipe: diffusion\nsteps: 10\nmodel: {name: a, unet: {groups: 8}}\n"
+                                        "data: {length: 5}\n")
+    (tmp_path / "stage2.yaml").write_text("extends: base.yaml\nsteps: 20\nmodel: {min_snr_gamma: 5}\n")
+    cfg = TrainConfig.from_yaml(tmp_path / "stage2.yaml")
+    assert cfg.steps == 20 and cfg.data.length == 5
+    assert cfg.model == {"name": "a", "unet": {"groups": 8}, "min_snr_gamma": 5}
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\nrecipe: movq\n")
+    with pytest.raises(ValueError, match="extends itself"):
+        TrainConfig.from_yaml(tmp_path / "loop.yaml")
+
+
+def test_diffusion_init_from_another_runs_weights(movq_export, tmp_path):
+    from safetensors.torch import load_file
+
+    from kandinsky3.training.recipes import make_recipe
+
+    train(TrainConfig.from_dict(_diffusion_cfg(tmp_path / "a", movq_export, steps=2)), progress=False)
+    weights = tmp_path / "a" / "checkpoint" / "model.safetensors"
+    cfg = _diffusion_cfg(tmp_path / "b", movq_export)
+    cfg["model"]["init"] = str(weights)
+    recipe = make_recipe(TrainConfig.from_dict(cfg), "cpu")
+    state = recipe.trainable.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in load_file(weights).items())
+    cfg["model"]["init"] = str(movq_export / "movq.safetensors")  # the wrong kind of weights
+    with pytest.raises(Exception, match="missing"):
+        make_recipe(TrainConfig.from_dict(cfg), "cpu")

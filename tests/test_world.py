@@ -87,3 +87,30 @@ def test_judge_rejects_wrong_images():
     assert not judge(moved, s.caption).aligned
     blank = render(Scene(s.scene.background, ()), 64).image
     assert not judge(blank, s.caption).aligned
+
+
+def test_reconstruction_alignment_measures_the_autoencoder_ceiling():
+    """A lossless 'autoencoder' keeps every caption aligned; one that blurs the image (as an under-trained
+    MoVQ rounds small shapes into blobs) loses the shapes."""
+    import torch
+    import torch.nn.functional as F
+
+    from kandinsky3.eval.alignment import reconstruction_alignment
+
+    class Identity(torch.nn.Module):
+        def __init__(self, blur: int = 0):
+            super().__init__()
+            self.blur, self.p = blur, torch.nn.Parameter(torch.zeros(1))
+
+        def encode(self, x):
+            return x
+
+        def decode(self, z):
+            if not self.blur:
+                return z
+            return F.avg_pool2d(z, 2 * self.blur + 1, stride=1, padding=self.blur, count_include_pad=False)
+
+    perfect = reconstruction_alignment(Identity(), 20)
+    assert perfect.counts["1 object"] == (8, 8) and perfect.counts["2 objects"] == (8, 8)
+    blurred = reconstruction_alignment(Identity(blur=3), 20)
+    assert blurred.rate("1 object") < 0.5

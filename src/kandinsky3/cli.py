@@ -252,6 +252,13 @@ def _eval(args):
                                             for i in range(args.num)])
         results["movq_psnr_db"] = movq_psnr(pipe.movq, images)
         print(f"MoVQ reconstruction PSNR on {args.num} held-out renders: {results['movq_psnr_db']:.2f} dB")
+        from .eval.alignment import reconstruction_alignment
+
+        for sigma in (0.0, 0.05):
+            report = reconstruction_alignment(pipe.movq, args.num, latent_noise=sigma)
+            results[f"roundtrip_alignment_noise_{sigma}"] = report.to_dict()["rates"]
+            print(f"judge on round trips (latent noise σ={sigma}): "
+                  + ", ".join(f"{g} {report.rate(g):.1%}" for g in sorted(report.counts)))
     else:
         from .eval.alignment import evaluate_alignment
 

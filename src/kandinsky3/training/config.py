@@ -17,6 +17,27 @@ class DataConfig:
     cache: bool = True  # world: render once into memory
 
 
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+    """A YAML config; ``extends: other.yaml`` (relative to this file) starts from that config and overrides
+    the keys given here (nested sections merge), so a follow-up stage of a run records only what changed."""
+    import yaml
+
+    if path.resolve() in seen:
+        raise ValueError(f"config {path} extends itself (cycle through {[str(p) for p in seen]})")
+    data = yaml.safe_load(path.read_text()) or {}
+    parent = data.pop("extends", None)
+    if parent:
+        data = _merge(_read_yaml(path.parent / parent, seen + (path.resolve(),)), data)
+    return data
+
+
 @dataclass
 class TrainConfig:
     recipe: str  # movq | diffusion
@@ -41,9 +62,7 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "TrainConfig":
-        import yaml
-
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = _read_yaml(Path(path))
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(data)
 

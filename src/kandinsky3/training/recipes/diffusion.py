@@ -6,12 +6,14 @@ keep FLAN-UL2 frozen; the nano family trains its tiny T5 too). The MoVQ is froze
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ...checkpoints.io import load_file, save_safetensors
 from ...checkpoints.loading import Components, save_components
 from ...diffusion import NoiseSchedule
 from ...models.text import TextEncoder, build_word_tokenizer, make_projection
@@ -50,9 +52,9 @@ def build_text_encoder(spec: dict, context_dim: int) -> tuple[object, nn.Module]
 
 
 class DiffusionTrainable(nn.Module):
-    def __init__(self, unet: UNet, text: TextEncoder, train_text_encoder: bool):
+    def __init__(self, unet: UNet, text: TextEncoder, train_text_encoder: bool, min_snr_gamma: float | None = None):
         super().__init__()
-        self.unet, self.text = unet, text
+        self.unet, self.text, self.min_snr_gamma = unet, text, min_snr_gamma
         self.null_embedding = nn.Parameter(torch.randn(text.context_dim) * 0.02)
         self.text.encoder.requires_grad_(train_text_encoder)
         self.schedule = NoiseSchedule.named("cosine")
@@ -75,7 +77,17 @@ class DiffusionTrainable(nn.Module):
         noise = torch.randn_like(latents)
         x_t = self.schedule.q_sample(latents, t, noise)
         eps = self.unet(x_t, t.float(), context, mask, None, lengths)
-        return F.mse_loss(eps.float(), noise)
+        loss = (eps.float() - noise).square().mean(dim=(1, 2, 3))
+        if self.min_snr_gamma:
+            loss = loss * min_snr_weight(self.schedule.alphas_cumprod.to(t.device)[t], self.min_snr_gamma)
+        return loss.mean()
+
+
+def min_snr_weight(abar: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ loss weight for ε-prediction, min(SNR, γ) / SNR (Hang et al. 2023): the nearly clean steps,
+    whose ε is easy and whose gradients otherwise dominate, count less; convergence is several times faster."""
+    snr = abar / (1 - abar)
+    return torch.where(snr > gamma, gamma / snr.clamp(min=gamma), torch.ones_like(snr))
 
 
 class DiffusionRecipe(Recipe):
@@ -88,7 +100,19 @@ class DiffusionRecipe(Recipe):
         tokenizer, t5 = build_text_encoder(m.get("text_encoder", {}), self.unet_config.context_dim)
         projection = make_projection(t5.config.d_model, self.unet_config.context_dim)
         text = TextEncoder(tokenizer, t5, projection, None)
-        self.trainable = DiffusionTrainable(UNet(self.unet_config), text, m.get("train_text_encoder", True))
+        self.trainable = DiffusionTrainable(UNet(self.unet_config), text, m.get("train_text_encoder", True),
+                                            m.get("min_snr_gamma"))
+        if m.get("init"):  # start from another run's weights (e.g. to adapt a U-Net to a fine-tuned MoVQ)
+            from ...checkpoints.io import load_into
+
+            state = load_file(m["init"])
+            own = self.trainable.state_dict()
+            for name, tensor in own.items():  # checkpoints keep one name of tied weights (T5's embeddings)
+                if name not in state:
+                    twin = next((k for k in state if k in own and own[k].data_ptr() == tensor.data_ptr()), None)
+                    if twin is not None:
+                        state[name] = state[twin]
+            load_into(self.trainable, state, f"diffusion weights in {m['init']}")
         self.variant = Variant(m.get("name", "custom"), m.get("description", "trained with kandinsky3 train"),
                                self.unet_config, self.movq.config, SamplerDefaults(**m.get("sampler", {})),
                                size=cfg.data.size, hub_repo=None, movq_file=None, text_encoder_dir=None)
@@ -96,12 +120,25 @@ class DiffusionRecipe(Recipe):
 
     @torch.no_grad()
     def _cache_latents(self):
+        """Encode an in-memory dataset once; the latents are also kept in ``output_dir`` (keyed by the encoder's
+        weights and the images), so a resumed run does not spend minutes re-encoding 100k images on a CPU."""
         tensors = getattr(self.dataset, "tensors", None)
         if tensors is None or "image" not in tensors:
             return
         images = tensors.pop("image")
+        key = hashlib.sha256()
+        for name, value in self.movq.state_dict().items():
+            if name.startswith(("encoder.", "quant_conv.")):
+                key.update(name.encode() + value.float().cpu().numpy().tobytes())
+        key.update(images.contiguous().numpy())
+        cache = Path(self.cfg.output_dir) / f"latents-{key.hexdigest()[:16]}.safetensors"
+        if cache.is_file():
+            tensors["latents"] = load_file(cache)["latents"]
+            return
         tensors["latents"] = torch.cat([self.movq.encode_untiled(chunk.to(self.device)).cpu()
                                         for chunk in images.split(256)])
+        if int(os.environ.get("RANK", "0")) == 0:
+            save_safetensors({"latents": tensors["latents"]}, cache)
 
     def prepare(self, batch):
         text = self.trainable.text if not hasattr(self.trainable, "module") else self.trainable.module.text
