@@ -39,10 +39,15 @@ def _diffusion_cfg(out, movq_export, **extra):
 
 
 def test_diffusion_training_exports_a_loadable_model(movq_export, tmp_path):
-    cfg = TrainConfig.from_dict(_diffusion_cfg(tmp_path, movq_export, gradient_checkpointing=True))
-    summary = train(cfg, progress=False)
+    cfg = _diffusion_cfg(tmp_path, movq_export, gradient_checkpointing=True)
+    cfg["model"]["export_dtype"] = "fp16"
+    summary = train(TrainConfig.from_dict(cfg), progress=False)
     assert summary["step"] == 4 and summary["loss"] > 0
+    from safetensors.torch import load_file
+
+    assert {v.dtype for v in load_file(tmp_path / "model" / "unet.safetensors").values()} == {torch.float16}
     pipe = Kandinsky3.from_pretrained(tmp_path / "model", device="cpu")
+    assert next(pipe.unet.parameters()).dtype == torch.float32
     image = pipe.generate("a red circle", seed=0, steps=3, progress=False)[0]
     assert image.size == (64, 64) and pipe.variant.name == "nano-test"
 

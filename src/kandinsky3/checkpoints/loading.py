@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import os
 import tempfile
 from dataclasses import dataclass
@@ -86,7 +88,7 @@ def _download(repo: str, files: list[str] | None, local_files_only: bool) -> Pat
 # building
 
 
-def _dtype(value, default=torch.float32):
+def parse_dtype(value, default=torch.float32):
     if value is None:
         return default
     if isinstance(value, torch.dtype):
@@ -102,14 +104,14 @@ def build_unet(raw: RawCheckpoint, dtype=None, device="cpu") -> UNet:
     with torch.device("meta"):
         unet = UNet(raw.variant.unet)
     load_into(unet, raw.unet, "U-Net checkpoint")
-    return unet.to(device=device, dtype=_dtype(dtype)).eval().requires_grad_(False)
+    return unet.to(device=device, dtype=parse_dtype(dtype)).eval().requires_grad_(False)
 
 
 def build_movq(raw: RawCheckpoint, dtype=None, device="cpu") -> MoVQ:
     with torch.device("meta"):
         movq = MoVQ(raw.variant.movq)
     load_into(movq, raw.movq, "MoVQ checkpoint")
-    return movq.to(device=device, dtype=_dtype(dtype)).eval().requires_grad_(False)
+    return movq.to(device=device, dtype=parse_dtype(dtype)).eval().requires_grad_(False)
 
 
 def build_text_encoder(raw: RawCheckpoint, dtype=None, device="cpu", quantization: str | None = None) -> TextEncoder:
@@ -117,7 +119,7 @@ def build_text_encoder(raw: RawCheckpoint, dtype=None, device="cpu", quantizatio
 
     if raw.text_encoder_dir is None:
         raise CheckpointError("the checkpoint has no text encoder folder (T5 config + weights + tokenizer)")
-    kwargs = {"dtype": _dtype(dtype)}
+    kwargs = {"dtype": parse_dtype(dtype)}
     if quantization in ("8bit", "4bit"):
         try:
             from transformers import BitsAndBytesConfig
@@ -139,7 +141,7 @@ def build_text_encoder(raw: RawCheckpoint, dtype=None, device="cpu", quantizatio
     d_model, context_dim = raw.projection["0.weight"].shape[1], raw.projection["0.weight"].shape[0]
     projection = make_projection(d_model, context_dim)
     load_into(projection, raw.projection, "text projection")
-    projection = projection.to(device=device, dtype=torch.float32 if quantization else _dtype(dtype)).requires_grad_(False)
+    projection = projection.to(device=device, dtype=torch.float32 if quantization else parse_dtype(dtype)).requires_grad_(False)
     return TextEncoder(tokenizer, encoder, projection, raw.null_embedding).to(device)
 
 
@@ -191,20 +193,28 @@ def tiny_components(variant: Variant | None = None, seed: int = 0, device="cpu")
     return Components(variant, unet.eval().to(device), movq.eval().to(device), text.to(device))
 
 
-def components_to_raw(components: Components, workdir: Path) -> RawCheckpoint:
-    """Official-layout state dicts of built components; the T5 + tokenizer are saved into ``workdir``."""
+def components_to_raw(components: Components, workdir: Path, dtype: torch.dtype | None = None) -> RawCheckpoint:
+    """Official-layout state dicts of built components; the T5 + tokenizer are saved into ``workdir``.
+    ``dtype`` casts the floating-point tensors (e.g. fp16 to halve a committed model's size)."""
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().cpu().contiguous()
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
     te = components.text_encoder
     te_dir = Path(workdir) / "text_encoder"
-    te.encoder.save_pretrained(te_dir, safe_serialization=True)
+    encoder = te.encoder if dtype is None else copy.deepcopy(te.encoder).to(dtype)
+    encoder.save_pretrained(te_dir, safe_serialization=True)
     te.tokenizer.save_pretrained(te_dir)
-    sd = lambda m: {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}  # noqa: E731
-    null = None if te.null_embedding is None else te.null_embedding.detach().cpu()
+    sd = lambda m: {k: cast(v) for k, v in m.state_dict().items()}  # noqa: E731
+    null = None if te.null_embedding is None else cast(te.null_embedding)
     return RawCheckpoint(components.variant, sd(components.unet), sd(te.projection), sd(components.movq), null, te_dir)
 
 
-def save_components(components: Components, path: str | os.PathLike, layout: str = "native"):
+def save_components(components: Components, path: str | os.PathLike, layout: str = "native",
+                    dtype: torch.dtype | None = None):
     if layout not in WRITERS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {sorted(WRITERS)}")
     with tempfile.TemporaryDirectory() as tmp:
-        raw = components_to_raw(components, Path(tmp))
+        raw = components_to_raw(components, Path(tmp), dtype)
         WRITERS[layout](raw, path)

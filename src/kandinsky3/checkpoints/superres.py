@@ -10,7 +10,7 @@ import torch
 from ..models.superres import SuperResUNet, SuperResUNetConfig
 from ..registry import SUPERRES_REPO, SUPERRES_VARIANTS, VARIANTS
 from .io import CheckpointError, load_file, load_into, load_json, save_json, save_safetensors, tensors_only
-from .loading import _download, _dtype
+from .loading import _download, parse_dtype
 
 NATIVE_SR_CONFIG = "superres.json"
 TINY_SR = SuperResUNetConfig(init_channels=32, model_channels=32, time_embed_dim=64, groups=8,
@@ -38,12 +38,13 @@ def build_sr_unet(config: SuperResUNetConfig, sd, device, dtype) -> SuperResUNet
     with torch.device("meta"):
         unet = SuperResUNet(config)
     load_into(unet, sd, "super-resolution U-Net checkpoint")
-    return unet.to(device=device, dtype=_dtype(dtype)).eval().requires_grad_(False)
+    return unet.to(device=device, dtype=parse_dtype(dtype)).eval().requires_grad_(False)
 
 
-def save_superres(unet: SuperResUNet, path, scale: int, name: str = "custom"):
+def save_superres(unet: SuperResUNet, path, scale: int, name: str = "custom", dtype: torch.dtype | None = None):
     path = Path(path)
-    save_safetensors(unet.state_dict(), path / "unet_sr.safetensors")
+    state = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in unet.state_dict().items()}
+    save_safetensors(state, path / "unet_sr.safetensors")
     save_json({"name": name, "scale": scale, "mode": "standard", "unet": unet.config.to_dict()}, path / NATIVE_SR_CONFIG)
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ...checkpoints.io import load_file, save_safetensors
-from ...checkpoints.loading import Components, save_components
+from ...checkpoints.loading import Components, parse_dtype, save_components
 from ...diffusion import NoiseSchedule
 from ...models.text import TextEncoder, build_word_tokenizer, make_projection
 from ...models.unet import UNet, UNetConfig
@@ -175,4 +175,6 @@ class DiffusionRecipe(Recipe):
     def export(self, module, path):
         module.eval()
         pipe = self.pipeline(module)
-        save_components(Components(self.variant, pipe.unet, pipe.movq, pipe.text_encoder), Path(path), "native")
+        dtype = parse_dtype(self.cfg.model.get("export_dtype"), None)  # fp16 keeps the committed nano small
+        save_components(Components(self.variant, pipe.unet, pipe.movq, pipe.text_encoder), Path(path), "native",
+                        dtype)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...checkpoints.loading import parse_dtype
 from ...checkpoints.superres import save_superres
 from ...diffusion import NoiseSchedule
 from ...images import tensor_to_pil
@@ -79,4 +80,5 @@ class SuperResRecipe(Recipe):
         return image_grid([bicubic, ups, tensor_to_pil(hr)])
 
     def export(self, module, path):
-        save_superres(module.unet, path, self.scale, self.cfg.model.get("name", "custom"))
+        save_superres(module.unet, path, self.scale, self.cfg.model.get("name", "custom"),
+                      parse_dtype(self.cfg.model.get("export_dtype"), None))
