@@ -105,6 +105,7 @@ def load_json(path: str | os.PathLike) -> dict:
 
 def load_into(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], what: str, strict: bool = True):
     """``load_state_dict`` with an error that lists what is missing, unexpected or mis-shaped."""
+    state_dict = _with_tied_aliases(module, state_dict)
     own = module.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -120,6 +121,27 @@ def load_into(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], w
             parts.append(f"{len(shapes)} with other shapes (e.g. {shapes[:2]})")
         raise CheckpointError(f"{what} does not fit the model config: " + "; ".join(parts))
     module.load_state_dict(state_dict, strict=strict, assign=_is_meta(module))
+
+
+def _with_tied_aliases(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict:
+    """Savers (safetensors, accelerate) keep one name of tied parameters, e.g. T5's ``shared`` and
+    ``encoder.embed_tokens``: give the module's other names of the same parameter that tensor too."""
+    names_of: dict[int, list[str]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    filled = dict(state_dict)
+    for names in names_of.values():
+        present = next((n for n in names if n in filled), None)
+        for name in names:
+            if present is not None and name not in filled:
+                filled[name] = filled[present]
+    return filled
+
+
+def cast_floating(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``tensor`` on the CPU, contiguous, floating-point ones cast to ``dtype`` (None: kept)."""
+    tensor = tensor.detach().cpu().contiguous()
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
 
 
 def _is_meta(module: torch.nn.Module) -> bool:

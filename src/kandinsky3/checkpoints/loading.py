@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-
 import os
 import tempfile
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from ..models.movq import MoVQ
 from ..models.text import TextEncoder, build_word_tokenizer, make_projection
 from ..models.unet import UNet
 from ..registry import ALIASES, DEFAULT_VARIANT, VARIANTS, Variant, get_variant
-from .io import CheckpointError, load_into
+from .io import CheckpointError, cast_floating, load_into
 from .layouts import WRITERS, RawCheckpoint, read
 
 
@@ -196,18 +195,13 @@ def tiny_components(variant: Variant | None = None, seed: int = 0, device="cpu")
 def components_to_raw(components: Components, workdir: Path, dtype: torch.dtype | None = None) -> RawCheckpoint:
     """Official-layout state dicts of built components; the T5 + tokenizer are saved into ``workdir``.
     ``dtype`` casts the floating-point tensors (e.g. fp16 to halve a committed model's size)."""
-
-    def cast(t: torch.Tensor) -> torch.Tensor:
-        t = t.detach().cpu().contiguous()
-        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
-
     te = components.text_encoder
     te_dir = Path(workdir) / "text_encoder"
     encoder = te.encoder if dtype is None else copy.deepcopy(te.encoder).to(dtype)
     encoder.save_pretrained(te_dir, safe_serialization=True)
     te.tokenizer.save_pretrained(te_dir)
-    sd = lambda m: {k: cast(v) for k, v in m.state_dict().items()}  # noqa: E731
-    null = None if te.null_embedding is None else cast(te.null_embedding)
+    sd = lambda m: {k: cast_floating(v, dtype) for k, v in m.state_dict().items()}  # noqa: E731
+    null = None if te.null_embedding is None else cast_floating(te.null_embedding, dtype)
     return RawCheckpoint(components.variant, sd(components.unet), sd(te.projection), sd(components.movq), null, te_dir)
 
 

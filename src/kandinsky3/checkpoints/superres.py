@@ -9,7 +9,7 @@ import torch
 
 from ..models.superres import SuperResUNet, SuperResUNetConfig
 from ..registry import SUPERRES_REPO, SUPERRES_VARIANTS, VARIANTS
-from .io import CheckpointError, load_file, load_into, load_json, save_json, save_safetensors, tensors_only
+from .io import CheckpointError, cast_floating, load_file, load_into, load_json, save_json, save_safetensors, tensors_only
 from .loading import _download, parse_dtype
 
 NATIVE_SR_CONFIG = "superres.json"
@@ -43,8 +43,7 @@ def build_sr_unet(config: SuperResUNetConfig, sd, device, dtype) -> SuperResUNet
 
 def save_superres(unet: SuperResUNet, path, scale: int, name: str = "custom", dtype: torch.dtype | None = None):
     path = Path(path)
-    state = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in unet.state_dict().items()}
-    save_safetensors(state, path / "unet_sr.safetensors")
+    save_safetensors({k: cast_floating(v, dtype) for k, v in unet.state_dict().items()}, path / "unet_sr.safetensors")
     save_json({"name": name, "scale": scale, "mode": "standard", "unet": unet.config.to_dict()}, path / NATIVE_SR_CONFIG)
 
 

@@ -35,6 +35,12 @@ class AlignmentReport:
                 "rates": {g: self.rate(g) for g in self.counts}, "counts": self.counts}
 
 
+def object_count_group(sample) -> str:
+    """The report group of a sample: ``1 object``, ``2 objects``, ..."""
+    n = len(sample.scene.objects)
+    return f"{n} object{'s' if n > 1 else ''}"
+
+
 def alignment_captions(num: int, split: str = "val"):
     """``num`` scenes with complete captions, a third each of 1, 2 and 3 objects... weighted to 1 and 2 objects."""
     samples = []
@@ -54,8 +60,7 @@ def evaluate_alignment(pipe, num: int = 500, guidance: float | None = None, step
     """
     from tqdm.auto import tqdm
 
-    samples = [(s, f"{len(s.scene.objects)} object{'s' if len(s.scene.objects) > 1 else ''}")
-               for s in alignment_captions(num, split)]
+    samples = [(s, object_count_group(s)) for s in alignment_captions(num, split)]
     samples += [(s, "held-out pairs") for s in alignment_captions(held_out if held_out is not None else num // 5,
                                                                     "held_out")]
     settings = pipe._settings({"guidance": guidance, "steps": steps})
@@ -90,8 +95,7 @@ def reconstruction_alignment(movq, num: int = 500, latent_noise: float = 0.0, se
         if latent_noise:
             z = z + latent_noise * torch.randn(z.shape, generator=gen).to(z)
         for sample, image in zip(chunk, tensor_to_pil(movq.decode(z).float())):
-            n = len(sample.scene.objects)
-            report.add(f"{n} object{'s' if n > 1 else ''}", judge(image, sample.caption).aligned)
+            report.add(object_count_group(sample), judge(image, sample.caption).aligned)
     return report
 
 

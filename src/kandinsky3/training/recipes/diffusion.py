@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...checkpoints.io import load_file, save_safetensors
+from ...checkpoints.io import load_file, load_into, save_safetensors
 from ...checkpoints.loading import Components, parse_dtype, save_components
 from ...diffusion import NoiseSchedule
 from ...models.text import TextEncoder, build_word_tokenizer, make_projection
@@ -87,7 +87,7 @@ def min_snr_weight(abar: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR-γ loss weight for ε-prediction, min(SNR, γ) / SNR (Hang et al. 2023): the nearly clean steps,
     whose ε is easy and whose gradients otherwise dominate, count less; convergence is several times faster."""
     snr = abar / (1 - abar)
-    return torch.where(snr > gamma, gamma / snr.clamp(min=gamma), torch.ones_like(snr))
+    return gamma / snr.clamp(min=gamma)  # = 1 where SNR ≤ γ (also at SNR = 0)
 
 
 class DiffusionRecipe(Recipe):
@@ -103,16 +103,7 @@ class DiffusionRecipe(Recipe):
         self.trainable = DiffusionTrainable(UNet(self.unet_config), text, m.get("train_text_encoder", True),
                                             m.get("min_snr_gamma"))
         if m.get("init"):  # start from another run's weights (e.g. to adapt a U-Net to a fine-tuned MoVQ)
-            from ...checkpoints.io import load_into
-
-            state = load_file(m["init"])
-            own = self.trainable.state_dict()
-            for name, tensor in own.items():  # checkpoints keep one name of tied weights (T5's embeddings)
-                if name not in state:
-                    twin = next((k for k in state if k in own and own[k].data_ptr() == tensor.data_ptr()), None)
-                    if twin is not None:
-                        state[name] = state[twin]
-            load_into(self.trainable, state, f"diffusion weights in {m['init']}")
+            load_into(self.trainable, load_file(m["init"]), f"diffusion weights in {m['init']}")
         self.variant = Variant(m.get("name", "custom"), m.get("description", "trained with kandinsky3 train"),
                                self.unet_config, self.movq.config, SamplerDefaults(**m.get("sampler", {})),
                                size=cfg.data.size, hub_repo=None, movq_file=None, text_encoder_dir=None)
