@@ -37,7 +37,18 @@ def test_convert_and_info(tmp_path, capsys, tiny):
     assert "diffusers layout" in out and "748 tensors" in out and "base-custom" in out
 
 
-@pytest.mark.parametrize("command", ["generate", "edit", "inpaint", "outpaint", "convert", "info"])
+def test_upscale_writes_a_4x_png_with_its_settings(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (20, 12), (200, 40, 40)).save(tmp_path / "small.png")
+    out = tmp_path / "big.png"
+    assert main(["upscale", str(tmp_path / "small.png"), "--model", "tiny", "--steps", "2", "--window", "32",
+                 "--stride", "24", "--blend", "uniform", "--out", str(out), "--no-progress"]) == 0
+    meta = read_metadata(out)
+    assert Image.open(out).size == (80, 48) and meta["blend"] == "uniform" and meta["window"] == 32
+
+
+@pytest.mark.parametrize("command", ["generate", "edit", "inpaint", "outpaint", "convert", "info", "upscale"])
 def test_help_has_examples(command):
     result = subprocess.run([sys.executable, "-m", "kandinsky3.cli", command, "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "examples:" in result.stdout

@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=None, help="view size in output pixels (0: the whole image)")
     p.add_argument("--stride", type=int, default=None, help="view stride in output pixels (default 800 for 1024)")
     p.add_argument("--view-batch-size", type=int, default=None, help="views per U-Net batch (default 15)")
+    p.add_argument("--blend", default=None, choices=["ramp", "uniform"],
+                   help="how overlapping views merge: ramp (default; fades view edges, no seams) or uniform "
+                        "(the official plain average)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
     p.add_argument("--out", default="upscaled.png")
@@ -287,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
 
             sr = SuperRes.from_pretrained(args.model, device=args.device, dtype=args.dtype)
             image = sr.upscale(args.image, args.scale, args.steps, args.seed, window=args.window, stride=args.stride,
-                               view_batch_size=args.view_batch_size, progress=not args.no_progress)
+                               view_batch_size=args.view_batch_size, blend=args.blend,
+                               progress=not args.no_progress)
             _save_all([image], args.out)
         elif args.command == "eval":
             _eval(args)

@@ -1,8 +1,8 @@
 """``SuperRes``: KandiSuperRes pixel-diffusion upscaling (spec §7), standard and Flash modes.
 
 Standard: x0-prediction, ``DPMSolverMultistepScheduler`` (linear betas, ``prediction_type="sample"``), 5 steps,
-MultiDiffusion over 1024-px windows with stride 800, uniform averaging, each view batch with its own solver
-history. Flash: 4 re-noised steps on the whole image, then a one-step latent refine with the K3 Flash U-Net and
+MultiDiffusion over 1024-px windows with stride 800, each view batch with its own solver history; views averaged
+uniformly (official, ``blend="uniform"``) or faded out at inner edges (``blend="ramp"``, the default: no seams). Flash: 4 re-noised steps on the whole image, then a one-step latent refine with the K3 Flash U-Net and
 the MoVQ over blended tiles.
 """
 
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .diffusion import FLASH_TIMESTEPS, NoiseSchedule
-from .diffusion.tiling import ViewAverager, crop, get_views
+from .diffusion.tiling import BLENDS, ViewAverager, crop, get_views
 from .images import as_pil, pil_to_tensor, tensor_to_pil, with_metadata
 from .models.movq import MoVQ
 from .models.superres import SuperResUNet
@@ -53,12 +53,15 @@ class SuperRes:
 
     def __init__(self, unet: SuperResUNet, scale: int = 4, mode: str = "standard", refine: RefineParts | None = None,
                  device="cpu", name: str = "custom", window: int = 1024, stride: int = 800, view_batch_size: int = 15,
-                 steps: int = 5):
+                 steps: int = 5, blend: str = "ramp"):
         if mode not in ("standard", "flash"):
             raise ValueError("mode must be 'standard' or 'flash'")
         self.unet, self.scale, self.mode, self.refine_parts = unet, scale, mode, refine
         self.device, self.name = torch.device(device), name
+        if blend not in BLENDS:
+            raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
         self.window, self.stride, self.view_batch_size, self.steps = window, stride, view_batch_size, steps
+        self.blend = blend
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike | None = None, *, device=None, dtype=None,
@@ -73,10 +76,13 @@ class SuperRes:
 
     def upscale(self, image, scale: int | None = None, steps: int | None = None, seed: int | None = None, *,
                 window: int | None = None, stride: int | None = None, view_batch_size: int | None = None,
-                refine: bool = True, generator: torch.Generator | None = None, progress: bool = True) -> Image.Image:
+                blend: str | None = None, refine: bool = True, generator: torch.Generator | None = None,
+                progress: bool = True) -> Image.Image:
         """Upscale a PIL image (or path / array) by ``scale`` (2 or 4); the result is exactly ``scale×`` the input.
 
         ``window=0`` runs the whole image as one view (no overlapping windows: less work when memory allows).
+        ``blend``: ``"ramp"`` (default) fades views out over the overlap at inner edges; ``"uniform"`` is the
+        official plain average.
         """
         image = self._check_image(image)
         scale = scale or self.scale
@@ -88,12 +94,16 @@ class SuperRes:
             out = self._flash(image, scale, generator, refine, progress)
         else:
             window = self.window if window is None else window
+            blend = blend or self.blend
+            if blend not in BLENDS:
+                raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
             out = self._standard(image, scale, steps or self.steps, generator, window, stride or self.stride,
-                                 view_batch_size or self.view_batch_size, progress)
+                                 view_batch_size or self.view_batch_size, blend, progress)
         result = tensor_to_pil(out)[0]
         return with_metadata(result, {"task": "upscale", "model": self.name, "scale": scale, "mode": self.mode,
                                       "steps": steps or (len(FLASH_TIMESTEPS) if self.mode == "flash" else self.steps),
-                                      "seed": seed, "window": window, "stride": stride or self.stride})
+                                      "seed": seed, "window": window, "stride": stride or self.stride,
+                                      **({"blend": blend} if self.mode == "standard" else {})})
 
     # -- standard: DPM-Solver++ over MultiDiffusion views -----------------------------------------------------------
 
@@ -110,7 +120,8 @@ class SuperRes:
         return next(self.unet.parameters())
 
     @torch.no_grad()
-    def _standard(self, image, scale, steps, generator, window, stride, view_batch_size, progress) -> torch.Tensor:
+    def _standard(self, image, scale, steps, generator, window, stride, view_batch_size, blend,
+                  progress) -> torch.Tensor:
         from tqdm.auto import tqdm
 
         p = self._param()
@@ -129,7 +140,7 @@ class SuperRes:
         timesteps = schedulers[0].timesteps
         bar = tqdm(total=len(timesteps) * len(views), desc="upscaling", disable=not progress, leave=False)
         for t in timesteps:
-            average = ViewAverager(img)
+            average = ViewAverager(img, blend, ramp=max(0, (window or 0) - stride))
             for batch, scheduler in zip(batches, schedulers):
                 x = torch.cat([crop(img, v) for v in batch])
                 low = torch.cat([crop(up_lr, v) for v in batch])

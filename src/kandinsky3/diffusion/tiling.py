@@ -1,4 +1,10 @@
-"""MultiDiffusion views over a large image and their uniform averaging (KandiSuperRes, spec §7.3)."""
+"""MultiDiffusion views over a large image and their averaging (KandiSuperRes, spec §7.3).
+
+The official averaging is uniform. A view's prediction is worst near its own edges (its convolutions see zero
+padding there, not the neighbouring content), so uniform averaging lets that edge error show as a step where
+one view ends inside another. ``blend="ramp"`` weights each view linearly down to ~0 over the overlap at the
+edges that lie inside the image (edges on the image border keep full weight), which removes the step.
+"""
 
 from __future__ import annotations
 
@@ -28,17 +34,46 @@ def crop(x: torch.Tensor, view: View) -> torch.Tensor:
     return x[..., top:bottom, left:right]
 
 
-class ViewAverager:
-    """Accumulate per-view results and return their uniform average (``value / count``)."""
+BLENDS = ("uniform", "ramp")
 
-    def __init__(self, like: torch.Tensor):
+
+def edge_ramp(length: int, fade_start: bool, fade_end: bool, width: int) -> torch.Tensor:
+    """1-D view weights: 1 inside, falling linearly to 1/(width+1) over ``width`` px at a fading edge."""
+    w = torch.ones(length)
+    if width > 0:
+        ramp = torch.arange(1, min(width, length) + 1, dtype=torch.float32) / (width + 1)
+        if fade_start:
+            w[:len(ramp)] = torch.minimum(w[:len(ramp)], ramp)
+        if fade_end:
+            w[length - len(ramp):] = torch.minimum(w[length - len(ramp):], ramp.flip(0))
+    return w
+
+
+class ViewAverager:
+    """Accumulate per-view results and return their weighted average (``value / weight``).
+
+    ``blend="uniform"`` is the official plain average; ``"ramp"`` fades views out over ``ramp`` px at inner edges.
+    """
+
+    def __init__(self, like: torch.Tensor, blend: str = "uniform", ramp: int = 0):
+        if blend not in BLENDS:
+            raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
         self.value = torch.zeros_like(like, dtype=torch.float32)
         self.count = torch.zeros_like(like[:, :1], dtype=torch.float32)
+        self.ramp = ramp if blend == "ramp" else 0
+
+    def weights(self, view: View) -> torch.Tensor:
+        top, bottom, left, right = view
+        height, width = self.count.shape[-2:]
+        rows = edge_ramp(bottom - top, top > 0, bottom < height, self.ramp)
+        cols = edge_ramp(right - left, left > 0, right < width, self.ramp)
+        return (rows[:, None] * cols[None, :]).to(self.count.device)
 
     def add(self, view: View, result: torch.Tensor):
         top, bottom, left, right = view
-        self.value[..., top:bottom, left:right] += result.float()
-        self.count[..., top:bottom, left:right] += 1
+        w = self.weights(view)
+        self.value[..., top:bottom, left:right] += result.float() * w
+        self.count[..., top:bottom, left:right] += w
 
     def result(self) -> torch.Tensor:
         return self.value / self.count
