@@ -99,7 +99,7 @@ def main():
 
     rows, reference = [], None
     for window, stride in geoms:
-        def run(lr):
+        def run(lr, window=window, stride=stride):
             return sr.upscale(lr, scale=4, seed=0, window=window, stride=stride, blend=args.blend,
                               view_batch_size=args.view_batch_size, progress=False)
 
