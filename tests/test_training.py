@@ -197,3 +197,64 @@ def test_diffusion_init_from_another_runs_weights(movq_export, tmp_path):
     cfg["model"]["init"] = str(movq_export / "movq.safetensors")  # the wrong kind of weights
     with pytest.raises(Exception, match="missing"):
         make_recipe(TrainConfig.from_dict(cfg), "cpu")
+
+
+def test_diffusion_init_from_an_exported_model(movq_export, tmp_path):
+    from kandinsky3.training.recipes import make_recipe
+
+    train(TrainConfig.from_dict(_diffusion_cfg(tmp_path / "a", movq_export, steps=2)), progress=False)
+    exported = Kandinsky3.from_pretrained(tmp_path / "a" / "model", device="cpu")
+    cfg = _diffusion_cfg(tmp_path / "b", movq_export)
+    cfg["model"]["init"] = str(tmp_path / "a" / "model")
+    trainable = make_recipe(TrainConfig.from_dict(cfg), "cpu").trainable
+    assert all(torch.equal(v, trainable.unet.state_dict()[k]) for k, v in exported.unet.state_dict().items())
+    assert torch.equal(trainable.null_embedding.detach(), exported.text_encoder.null_embedding)
+    ids = torch.tensor([[5, 6, 1]])
+    assert torch.allclose(trainable.text.encoder(ids).last_hidden_state,
+                          exported.text_encoder.encoder(ids).last_hidden_state, atol=1e-5)
+
+
+SR_UNET = {"init_channels": 8, "model_channels": 8, "time_embed_dim": 32, "groups": 4, "dim_mult": [1, 2],
+           "num_resnet_blocks": [1, 1], "dropout": 0.0}
+
+
+def _superres_cfg(out, **model):
+    return {"recipe": "superres", "output_dir": str(out), "export_dir": str(out / "model"),
+            "model": {"name": "sr-test", "scale": 4, "crop": 32, "unet": SR_UNET, **model},
+            "data": {"source": "world", "size": 16, "length": 8}, "steps": 3, "batch_size": 4,
+            "warmup_steps": 1, "checkpoint_every": 3, "sample_every": 3}
+
+
+@pytest.mark.parametrize("degrade", [False, True])
+def test_superres_training_exports_a_loadable_upscaler(tmp_path, degrade):
+    from PIL import Image
+
+    from kandinsky3 import SuperRes
+    from kandinsky3.training.recipes import make_recipe
+
+    summary = train(TrainConfig.from_dict(_superres_cfg(tmp_path, degrade=degrade)), progress=False)
+    assert summary["step"] == 3 and summary["loss"] > 0
+    assert (tmp_path / "samples" / "step_000003.png").is_file()
+    sr = SuperRes.from_pretrained(tmp_path / "model", device="cpu")
+    assert sr.upscale(Image.new("RGB", (12, 8), (200, 40, 40)), steps=2, progress=False).size == (48, 32)
+    # a stage 2 that starts from the export starts from exactly its weights
+    trainable = make_recipe(TrainConfig.from_dict(_superres_cfg(tmp_path / "b", init=str(tmp_path / "model"))),
+                            "cpu").trainable
+    assert all(torch.equal(v, trainable.unet.state_dict()[k]) for k, v in sr.unet.state_dict().items())
+
+
+def test_degradation_is_seeded_and_shrinks_by_the_scale():
+    import torch.nn.functional as F
+
+    from kandinsky3.training.degradations import degrade, gaussian_kernel
+
+    hr = torch.rand(2, 3, 64, 48) * 2 - 1
+    low = degrade(hr, 4, seed=3)
+    assert low.shape == (2, 3, 16, 12) and low.min() >= -1 and low.max() <= 1
+    assert torch.equal(low, degrade(hr, 4, seed=3)) and not torch.equal(low, degrade(hr, 4, seed=4))
+    clean = F.interpolate(hr, size=(16, 12), mode="area")
+    assert (low - clean).abs().mean() > 0.01  # blur, noise and JPEG did something
+    k = gaussian_kernel(3.0, 1.0, 0.0)  # wide along x, narrow along y
+    ax = torch.arange(21.0) - 10
+    assert torch.isclose(k.sum(), torch.tensor(1.0))
+    assert (k.sum(0) * ax**2).sum() > 4 * (k.sum(1) * ax**2).sum()

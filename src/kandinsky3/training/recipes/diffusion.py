@@ -90,6 +90,22 @@ def min_snr_weight(abar: torch.Tensor, gamma: float) -> torch.Tensor:
     return gamma / snr.clamp(min=gamma)  # = 1 where SNR ≤ γ (also at SNR = 0)
 
 
+def initial_weights(init: str) -> dict[str, torch.Tensor]:
+    """A training run's ``model.safetensors``, or a whole exported model (a registered name such as ``nano`` or
+    a native folder) as the trainable's state dict, so a fine-tune can start from the committed weights."""
+    if Path(init).is_file():
+        return load_file(init)
+    from ...checkpoints.loading import load_components
+
+    components = load_components(init)
+    text = components.text_encoder
+    weights = {f"unet.{k}": v for k, v in components.unet.state_dict().items()}
+    weights.update({f"text.encoder.{k}": v for k, v in text.encoder.state_dict().items()})
+    weights.update({f"text.projection.{k}": v for k, v in text.projection.state_dict().items()})
+    weights["null_embedding"] = text.null_embedding
+    return {k: v.float() for k, v in weights.items()}
+
+
 class DiffusionRecipe(Recipe):
     def __init__(self, cfg, device):
         super().__init__(cfg, device)
@@ -102,8 +118,8 @@ class DiffusionRecipe(Recipe):
         text = TextEncoder(tokenizer, t5, projection, None)
         self.trainable = DiffusionTrainable(UNet(self.unet_config), text, m.get("train_text_encoder", True),
                                             m.get("min_snr_gamma"))
-        if m.get("init"):  # start from another run's weights (e.g. to adapt a U-Net to a fine-tuned MoVQ)
-            load_into(self.trainable, load_file(m["init"]), f"diffusion weights in {m['init']}")
+        if m.get("init"):  # start from other weights (e.g. to adapt a U-Net to a fine-tuned MoVQ)
+            load_into(self.trainable, initial_weights(m["init"]), f"diffusion weights in {m['init']}")
         self.variant = Variant(m.get("name", "custom"), m.get("description", "trained with kandinsky3 train"),
                                self.unet_config, self.movq.config, SamplerDefaults(**m.get("sampler", {})),
                                size=cfg.data.size, hub_repo=None, movq_file=None, text_encoder_dir=None)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...checkpoints.io import load_into
 from ...checkpoints.loading import parse_dtype
 from ...checkpoints.superres import save_superres
 from ...diffusion import NoiseSchedule
@@ -40,6 +41,12 @@ class SuperResRecipe(Recipe):
         super().__init__(cfg, device)
         torch.manual_seed(cfg.seed)
         self.trainable = SuperResTrainable(SuperResUNet(SuperResUNetConfig.from_dict(cfg.model.get("unet", {}))))
+        if cfg.model.get("init"):  # continue from exported weights (a name such as ``nano`` or a folder)
+            from ...superres import SuperRes
+
+            init = SuperRes.from_pretrained(cfg.model["init"], device="cpu").unet.state_dict()
+            load_into(self.trainable.unet, {k: v.float() for k, v in init.items()},
+                      f"super-resolution weights in {cfg.model['init']}")
         self.use_degradation = cfg.model.get("degrade", not self.world)
         self.step = 0
         self.preview = [self.dataset[i] for i in range(4)]
