@@ -116,13 +116,14 @@ def nano_sr():
     return SuperRes.from_pretrained(device="cpu")
 
 
-def test_nano_upscaler_beats_bicubic_psnr_on_held_out_scenes(nano_sr):
-    """PSNR only: on 50 scenes the committed nano upscaler is at 36.4 dB vs bicubic 34.1, but its SSIM is
-    0.980 vs 0.982 (noise left in flat areas) — that half of the issue is not met yet (docs/superres.md)."""
+def test_nano_upscaler_beats_bicubic_on_held_out_scenes(nano_sr):
+    """PSNR and SSIM. On these 8 scenes the committed upscaler is at 38.4 dB / 0.988 against bicubic 33.8 / 0.980;
+    the stage-1 weights (3000 steps, fixed texture on flat areas) were above in PSNR but below in SSIM."""
     from kandinsky3.eval.superres import evaluate_superres, pairs_from_world
 
     table = evaluate_superres(nano_sr, pairs_from_world(8, 4), 4, fid=False, progress=False)
-    assert table["model"]["psnr"] > table["bicubic"]["psnr"] + 1.0
+    assert table["model"]["psnr"] > table["bicubic"]["psnr"] + 2.0
+    assert table["model"]["ssim"] > table["bicubic"]["ssim"] + 0.004
 
 
 def test_no_seam_across_view_borders(nano_sr):
