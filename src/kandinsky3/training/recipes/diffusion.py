@@ -103,7 +103,7 @@ def initial_weights(init: str) -> dict[str, torch.Tensor]:
     weights.update({f"text.encoder.{k}": v for k, v in text.encoder.state_dict().items()})
     weights.update({f"text.projection.{k}": v for k, v in text.projection.state_dict().items()})
     weights["null_embedding"] = text.null_embedding
-    return {k: v.float() for k, v in weights.items()}
+    return weights
 
 
 class DiffusionRecipe(Recipe):

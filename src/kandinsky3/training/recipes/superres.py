@@ -45,8 +45,7 @@ class SuperResRecipe(Recipe):
             from ...superres import SuperRes
 
             init = SuperRes.from_pretrained(cfg.model["init"], device="cpu").unet.state_dict()
-            load_into(self.trainable.unet, {k: v.float() for k, v in init.items()},
-                      f"super-resolution weights in {cfg.model['init']}")
+            load_into(self.trainable.unet, init, f"super-resolution weights in {cfg.model['init']}")
         self.use_degradation = cfg.model.get("degrade", not self.world)
         self.step = 0
         self.preview = [self.dataset[i] for i in range(4)]
