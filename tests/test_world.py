@@ -114,3 +114,21 @@ def test_reconstruction_alignment_measures_the_autoencoder_ceiling():
     assert perfect.counts["1 object"] == (8, 8) and perfect.counts["2 objects"] == (8, 8)
     blurred = reconstruction_alignment(Identity(blur=3), 20)
     assert blurred.rate("1 object") < 0.5
+
+
+def test_alignment_report_names_the_wrong_attribute():
+    """Two objects mirrored left↔right: colours and shapes still hold, both positions are wrong."""
+    from PIL import Image
+
+    from kandinsky3.eval.alignment import AlignmentReport
+
+    scene = Scene("gray", (WorldObject("red", "circle", "large", "top left"),
+                           WorldObject("blue", "square", "large", "right")))
+    caption = "a large red circle in the top left and a large blue square on the right, gray background"
+    image = render(scene, 64).image
+    report = AlignmentReport(guidance=3.0, steps=50)
+    report.add("2 objects", judge(image, caption))
+    report.add("2 objects", judge(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), caption))
+    assert report.counts["2 objects"] == (1, 2)
+    assert report.misses["2 objects"] == {"color": 0, "shape": 0, "position": 2, "objects": 4}
+    assert "0.0% / 0.0% / 50.0%" in report.table()

@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..world import HELD_OUT_PAIRS, judge, world_sample
+from ..world.judge import Verdict
+
+
+ATTRIBUTES = ("color", "shape", "position")
 
 
 @dataclass
@@ -14,25 +18,35 @@ class AlignmentReport:
     guidance: float
     steps: int
     counts: dict = field(default_factory=dict)  # group → (aligned, total)
+    misses: dict = field(default_factory=dict)  # group → {attribute: objects whose stated attribute is wrong, objects}
 
-    def add(self, group: str, ok: bool):
+    def add(self, group: str, verdict: Verdict):
         a, n = self.counts.get(group, (0, 0))
-        self.counts[group] = (a + int(ok), n + 1)
+        self.counts[group] = (a + int(verdict.aligned), n + 1)
+        misses = self.misses.setdefault(group, dict.fromkeys((*ATTRIBUTES, "objects"), 0))
+        for obj in verdict.objects:
+            misses["objects"] += 1
+            for attribute in ATTRIBUTES:
+                misses[attribute] += getattr(obj, attribute) is False
 
     def rate(self, group: str) -> float:
         a, n = self.counts.get(group, (0, 0))
         return a / n if n else float("nan")
 
     def table(self) -> str:
-        lines = [f"guidance {self.guidance}, {self.steps} steps", f"{'captions':<28}{'aligned':>10}{'n':>6}"]
+        """Aligned captions per group, and which stated attributes were wrong (as a share of the group's objects)."""
+        lines = [f"guidance {self.guidance}, {self.steps} steps",
+                 f"{'captions':<28}{'aligned':>10}{'n':>6}   wrong per object: colour / shape / position"]
         for group in sorted(self.counts):
             a, n = self.counts[group]
-            lines.append(f"{group:<28}{a / n:>10.1%}{n:>6}")
+            m = self.misses.get(group, {})
+            wrong = " / ".join(f"{m[k] / m['objects']:.1%}" for k in ATTRIBUTES) if m.get("objects") else "-"
+            lines.append(f"{group:<28}{a / n:>10.1%}{n:>6}   {wrong}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         return {"guidance": self.guidance, "steps": self.steps,
-                "rates": {g: self.rate(g) for g in self.counts}, "counts": self.counts}
+                "rates": {g: self.rate(g) for g in self.counts}, "counts": self.counts, "misses": self.misses}
 
 
 def object_count_group(sample) -> str:
@@ -71,7 +85,7 @@ def evaluate_alignment(pipe, num: int = 500, guidance: float | None = None, step
         images = pipe.generate([s.caption for s, _ in chunk], seed=seed + start, guidance=settings.guidance,
                                steps=settings.steps, progress=False)
         for (sample, group), image in zip(chunk, images):
-            report.add(group, judge(image, sample.caption).aligned)
+            report.add(group, judge(image, sample.caption))
         bar.update(len(chunk))
     bar.close()
     return report
@@ -95,7 +109,7 @@ def reconstruction_alignment(movq, num: int = 500, latent_noise: float = 0.0, se
         if latent_noise:
             z = z + latent_noise * torch.randn(z.shape, generator=gen).to(z)
         for sample, image in zip(chunk, tensor_to_pil(movq.decode(z).float())):
-            report.add(object_count_group(sample), judge(image, sample.caption).aligned)
+            report.add(object_count_group(sample), judge(image, sample.caption))
     return report
 
 

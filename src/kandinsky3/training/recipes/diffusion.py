@@ -19,6 +19,7 @@ from ...diffusion import NoiseSchedule
 from ...models.text import TextEncoder, build_word_tokenizer, make_projection
 from ...models.unet import UNet, UNetConfig
 from ...registry import SamplerDefaults, Variant
+from ..growth import grow_into
 from .base import Recipe, image_grid
 from .movq import load_movq_export
 
@@ -119,7 +120,12 @@ class DiffusionRecipe(Recipe):
         self.trainable = DiffusionTrainable(UNet(self.unet_config), text, m.get("train_text_encoder", True),
                                             m.get("min_snr_gamma"))
         if m.get("init"):  # start from other weights (e.g. to adapt a U-Net to a fine-tuned MoVQ)
-            load_into(self.trainable, initial_weights(m["init"]), f"diffusion weights in {m['init']}")
+            weights, what = initial_weights(m["init"]), f"diffusion weights in {m['init']}"
+            if m.get("grow"):  # the config adds attention blocks / T5 layers: they start as identities
+                grown = grow_into(self.trainable, weights, what)
+                print(f"grown from {m['init']}: {len(grown)} new blocks start as identities")
+            else:
+                load_into(self.trainable, weights, what)
         self.variant = Variant(m.get("name", "custom"), m.get("description", "trained with kandinsky3 train"),
                                self.unet_config, self.movq.config, SamplerDefaults(**m.get("sampler", {})),
                                size=cfg.data.size, hub_repo=None, movq_file=None, text_encoder_dir=None)
