@@ -39,8 +39,7 @@ def test_movq_reconstruction_psnr(nano):
 def test_alignment_on_a_small_sample(nano):
     """A small version of `kandinsky3 eval alignment`. A broken model (or a broken text path, which ignores the
     prompt) is right ≈ 0 % of the time, the first nano (blobby MoVQ) 27.5 % / 1.5 %, stage 3 80.5 % / 16.5 %; the
-    committed one is at 91 % / 49 % on 200 + 200 captions and 92 % / 58 % (11 and 7 of 12) on this sample
-    (docs/nano.md)."""
+    committed one (stage 8) is at 90 % / 55.5 % on 200 + 200 captions (docs/nano.md)."""
     from kandinsky3.eval.alignment import evaluate_alignment
 
     report = evaluate_alignment(nano, num=30, held_out=0, progress=False)
