@@ -214,7 +214,6 @@ def test_diffusion_init_from_an_exported_model(movq_export, tmp_path):
                           exported.text_encoder.encoder(ids).last_hidden_state, atol=1e-5)
 
 
-
 def test_grown_model_starts_as_its_source(movq_export, tmp_path):
     """Cross-attention added at the first level and a second T5 layer: the grown model predicts exactly what the
     source did at step 0; a config change that is not an added block is refused."""
@@ -222,9 +221,9 @@ def test_grown_model_starts_as_its_source(movq_export, tmp_path):
     from kandinsky3.training.recipes import make_recipe
 
     train(TrainConfig.from_dict(_diffusion_cfg(tmp_path / "a", movq_export, steps=2)), progress=False)
-    source = make_recipe(TrainConfig.from_dict({**_diffusion_cfg(tmp_path / "s", movq_export),
-                                                "model": {**_diffusion_cfg(tmp_path, movq_export)["model"],
-                                                          "init": str(tmp_path / "a" / "model")}}), "cpu").trainable
+    cfg = _diffusion_cfg(tmp_path / "s", movq_export)
+    cfg["model"]["init"] = str(tmp_path / "a" / "model")
+    source = make_recipe(TrainConfig.from_dict(cfg), "cpu").trainable
     cfg = _diffusion_cfg(tmp_path / "b", movq_export)
     cfg["model"].update(init=str(tmp_path / "a" / "model"), grow=True,
                         unet={**UNET, "add_cross_attention": [True, True, True]}, text_encoder={**T5, "num_layers": 2})
@@ -241,7 +240,7 @@ def test_grown_model_starts_as_its_source(movq_export, tmp_path):
     assert torch.allclose(outputs[0][0], outputs[1][0], atol=1e-6)
     assert torch.allclose(outputs[0][1], outputs[1][1], atol=1e-5)
     assert outputs[1][1].abs().mean() > 0.01
-    # the new blocks learn: one optimiser step moves their zeroed output layers
+    # the new blocks learn: their zeroed output layers get gradients
     grown.train()
     batch = {"ids": ids, "mask": mask, "latents": x, "drop": torch.tensor([False, False])}
     grown(batch).backward()
@@ -255,6 +254,7 @@ def test_grown_model_starts_as_its_source(movq_export, tmp_path):
     del weights["unet.in_layer.weight"]  # a missing weight outside an added block cannot start from zero
     with pytest.raises(CheckpointError, match="not in a new attention block"):
         grow_into(grown, weights, "source weights")
+
 
 SR_UNET = {"init_channels": 8, "model_channels": 8, "time_embed_dim": 32, "groups": 4, "dim_mult": [1, 2],
            "num_resnet_blocks": [1, 1], "dropout": 0.0}

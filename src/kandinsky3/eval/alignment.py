@@ -7,10 +7,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..world import HELD_OUT_PAIRS, judge, world_sample
+from ..world.judge import CORE_ATTRIBUTES as ATTRIBUTES
 from ..world.judge import Verdict
-
-
-ATTRIBUTES = ("color", "shape", "position")
 
 
 @dataclass

@@ -21,6 +21,7 @@ _NAMES = list(BACKGROUNDS)
 _PALETTE = np.array([BACKGROUNDS[n] for n in _NAMES], dtype=np.float32)
 MAX_COLOR_DISTANCE = 70.0
 MIN_AREA_FRACTION = 0.25  # of the smallest object's area
+CORE_ATTRIBUTES = ("color", "shape", "position")  # the alignment criterion (size is judged but not required)
 
 
 @dataclass
@@ -34,7 +35,7 @@ class ObjectVerdict:
     @property
     def core_ok(self) -> bool:
         """Colour, shape and position: every one stated is right."""
-        return all(v is not False for v in (self.color, self.shape, self.position))
+        return all(getattr(self, a) is not False for a in CORE_ATTRIBUTES)
 
 
 @dataclass
