@@ -2,6 +2,7 @@
 
     python benchmarks/generation.py --model nano               # the embedded model on this CPU (50 steps, CFG)
     python benchmarks/generation.py --model nano --sampler flash
+    python benchmarks/generation.py --model nano --against path/to/other/model --repeats 7   # side by side
     python benchmarks/generation.py --movq-only --full --size 1024 --device cuda   # MoVQ decode variants, full size
 
 For the MoVQ it also compares the decode variants side by side: fp32, bf16, and bf16 + channels_last, with the
@@ -34,21 +35,34 @@ def clock(fn, device, repeats=3):
     return statistics.median(out), result
 
 
+PROMPT = "a red circle in the top left on a gray background"
+
+
 def generation(args):
+    """Time ``--model`` (and ``--against``, alternating with it in this process, so a machine whose speed drifts
+    affects both alike)."""
     device = torch.device(args.device)
-    pipe = Kandinsky3.from_pretrained(args.model, device=device)
-    s = pipe._settings({"sampler": args.sampler})
+    names = [args.model] + ([args.against] if args.against else [])
+    pipes = [Kandinsky3.from_pretrained(name, device=device) for name in names]
+    totals = [[] for _ in pipes]
     with torch.no_grad():
-        total, _ = clock(lambda: pipe.generate("a red circle in the top left on a gray background", seed=0,
-                                               sampler=args.sampler, progress=False), device)
-        enc, (ctx, *_rest) = clock(lambda: pipe.text_encoder.encode(["a red circle in the top left on a gray background"]),
-                                   device)
-        latent = torch.randn(1, pipe.latent_channels, s.height // pipe.latent_factor, s.width // pipe.latent_factor)
-        dec, _ = clock(lambda: pipe.movq.decode(latent.to(device)), device)
-    print(f"{pipe.variant.name}: {s.width}x{s.height}, sampler {s.sampler}, {s.steps} steps, guidance {s.guidance}, "
-          f"device {device}, {torch.get_num_threads()} threads")
-    print(f"whole generation {total:.3f} s  (text encoder {enc * 1000:.1f} ms, MoVQ decode {dec * 1000:.1f} ms, "
-          f"U-Net steps + rest {total - enc - dec:.3f} s)")
+        for _ in range(args.repeats):
+            for pipe, times in zip(pipes, totals):
+                times.append(clock(lambda: pipe.generate(PROMPT, seed=0, sampler=args.sampler, progress=False),
+                                   device, repeats=1)[0])
+        for name, pipe, times in zip(names, pipes, totals):
+            s = pipe._settings({"sampler": args.sampler})
+            enc, _ = clock(lambda: pipe.text_encoder.encode([PROMPT]), device)
+            latent = torch.randn(1, pipe.latent_channels, s.height // pipe.latent_factor, s.width // pipe.latent_factor)
+            dec, _ = clock(lambda: pipe.movq.decode(latent.to(device)), device)
+            total = statistics.median(times)
+            print(f"{name} ({pipe.variant.name}): {s.width}x{s.height}, sampler {s.sampler}, {s.steps} steps, "
+                  f"guidance {s.guidance}, device {device}, {torch.get_num_threads()} threads")
+            print(f"whole generation {total:.3f} s, median of {len(times)}  (text encoder {enc * 1000:.1f} ms, MoVQ "
+                  f"decode {dec * 1000:.1f} ms, U-Net steps + rest {total - enc - dec:.3f} s)")
+    if args.against:
+        print(f"{args.model} takes {statistics.median(totals[0]) / statistics.median(totals[1]):.2f}x the time of "
+              f"{args.against}")
 
 
 def movq_variants(args):
@@ -79,6 +93,8 @@ def movq_variants(args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="nano")
+    ap.add_argument("--against", default=None, help="a reference model, timed alternately in the same process")
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sampler", default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--movq-only", action="store_true")

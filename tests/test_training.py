@@ -300,3 +300,37 @@ def test_degradation_is_seeded_and_shrinks_by_the_scale():
     ax = torch.arange(21.0) - 10
     assert torch.isclose(k.sum(), torch.tensor(1.0))
     assert (k.sum(0) * ax**2).sum() > 4 * (k.sum(1) * ax**2).sum()
+
+
+def test_time_budget_fits_the_steps_to_the_measured_speed(monkeypatch):
+    from kandinsky3.training import loop
+
+    clock = [0.0]
+    monkeypatch.setattr(loop.time, "monotonic", lambda: clock[0])
+    budget = loop.TimeBudget(minutes=1, skip=2, first=10, every=5, reserve=0.0)  # 60 s, 5 s kept for the export
+    verdicts = {}
+    for done in range(1, 40):
+        clock[0] += 0.1  # 10 steps a second
+        verdicts[done] = budget.fit(done, 1000 + done, planned=5000)
+    assert [d for d, v in verdicts.items() if v is not None] == [12, 17, 22, 27, 32, 37]
+    # at step 12 of this invocation 1.2 s have passed: 60 - 1.2 - 5 s left at 10 steps/s
+    assert verdicts[12] == 1012 + int(10 * (60 - 1.2 - 5))
+    assert budget.fit(42, 1042, planned=1100) == 1100  # never longer than planned
+
+
+def test_a_run_over_its_time_budget_ends_early_and_still_exports(movq_export, tmp_path):
+    cfg = TrainConfig.from_dict(_diffusion_cfg(tmp_path, movq_export, steps=500, time_budget_minutes=1e-4))
+    summary = train(cfg, progress=False)
+    assert summary["step"] == 60  # the first measurement (step 10 + 50) finds no time left
+    assert json.loads((tmp_path / "config.json").read_text())["steps"] == 60
+    assert Kandinsky3.from_pretrained(summary["export_dir"], device="cpu").variant.name == "nano-test"
+
+
+def test_rendering_in_worker_processes_gives_the_same_dataset():
+    from kandinsky3.training.config import DataConfig
+    from kandinsky3.training.data import make_dataset
+
+    serial = make_dataset(DataConfig(length=40))
+    parallel = make_dataset(DataConfig(length=40, num_workers=2))
+    assert parallel.captions == serial.captions and len(set(serial.captions)) > 30
+    assert torch.equal(parallel.tensors["image"], serial.tensors["image"])

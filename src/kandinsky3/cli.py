@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=None, help="override output_dir")
     p.add_argument("--steps", type=int, default=None, help="override the total number of steps")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in this invocation")
+    p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                   help="end within this wall time: the run measures its speed and shortens --steps (the "
+                        "learning-rate schedule follows), then exports as usual")
     p.add_argument("--mixed-precision", default=None, choices=["no", "bf16", "fp16"])
 
     p = sub.add_parser("eval", help="measure a model: text alignment (shapes world) or MoVQ reconstruction",
@@ -299,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
             from .training import TrainConfig, train
 
             cfg = TrainConfig.from_yaml(args.config, output_dir=args.output_dir, steps=args.steps,
-                                        mixed_precision=args.mixed_precision)
+                                        mixed_precision=args.mixed_precision,
+                                        time_budget_minutes=args.time_budget)
             if cfg.recipe != args.recipe:
                 raise ValueError(f"{args.config} is a {cfg.recipe!r} config, not {args.recipe!r}")
             summary = train(cfg, max_steps=args.max_steps)

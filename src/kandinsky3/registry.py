@@ -80,10 +80,11 @@ VARIANTS: dict[str, Variant] = {
         Variant(
             "nano", "nano: tiny K3 trained by this project on the procedural shapes world (64 px), the default",
             UNetConfig(model_channels=64, init_channels=32, time_embed_dim=256, context_dim=128, groups=16,
-                       head_dim=32, dim_mult=(1, 2, 3), num_blocks=(2, 2, 2), add_cross_attention=(False, True, True),
-                       add_self_attention=(False, True, True)),
+                       head_dim=32, dim_mult=(1, 2, 3), num_blocks=(2, 2, 2), add_cross_attention=(True, True, True),
+                       add_self_attention=(False, True, True)),  # cross-attention at 8×8 too (docs/nano.md)
             movq=MoVQConfig(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(8,), resolution=64,
                             tile_sample_min_size=64),
+            sampler=SamplerDefaults(guidance=1.0),  # the best of a sweep for nano (docs/nano.md)
             size=64, text_encoder="nano-t5", hub_repo=None, movq_file=None, text_encoder_dir=None, local_dir=NANO_DIR,
         ),
         Variant(

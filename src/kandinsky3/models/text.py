@@ -47,11 +47,14 @@ class TextEncoder(nn.Module):
     # -- tokens --------------------------------------------------------------------------------------------------
 
     def _ids(self, text: str) -> list[int]:
-        ids = self.tokenizer(text, max_length=self.max_length, truncation=True)["input_ids"]
+        return self._batch_ids([text])[0]
+
+    def _batch_ids(self, texts: list[str]) -> list[list[int]]:
         eos = self.tokenizer.eos_token_id
-        if eos is not None and (not ids or ids[-1] != eos):  # word-level tokenizers may not append EOS themselves
-            ids = ids[: self.max_length - 1] + [eos]
-        return ids
+        rows = self.tokenizer(list(texts), max_length=self.max_length, truncation=True)["input_ids"]
+        # word-level tokenizers may not append EOS themselves
+        return [ids if eos is None or (ids and ids[-1] == eos) else ids[: self.max_length - 1] + [eos]
+                for ids in rows]
 
     def _pad(self, ids: list[int]) -> torch.Tensor:
         pad = self.tokenizer.pad_token_id or 0
@@ -59,7 +62,7 @@ class TextEncoder(nn.Module):
 
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 128) ids right-padded with the pad id, and the mask (1 for real tokens, EOS included)."""
-        ids = [self._ids(p) for p in prompts]
+        ids = self._batch_ids(prompts)
         mask = torch.tensor([[1] * len(i) + [0] * (self.max_length - len(i)) for i in ids], dtype=torch.long)
         return torch.stack([self._pad(i) for i in ids]), mask
 

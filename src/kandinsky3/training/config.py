@@ -59,6 +59,7 @@ class TrainConfig:
     seed: int = 0
     cfg_dropout: float = 0.1  # diffusion: fraction of captions replaced by the null embedding
     export_dir: str | None = None  # where the final (EMA) weights are written as a loadable model folder
+    time_budget_minutes: float | None = None  # shorten `steps` to end within this wall time (see loop.TimeBudget)
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> "TrainConfig":

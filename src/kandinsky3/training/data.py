@@ -42,14 +42,23 @@ class CaptionFolder(torch.utils.data.Dataset):
 
 
 class InMemory(torch.utils.data.Dataset):
-    """Materialise a (deterministic) dataset once: rendering costs more than a training step on a CPU."""
+    """Materialise a (deterministic) dataset once: rendering costs more than a training step on a CPU.
 
-    def __init__(self, dataset: torch.utils.data.Dataset):
+    With ``num_workers`` the items are rendered by that many processes (the order, and so every item, is the same).
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, num_workers: int = 0):
         from tqdm.auto import tqdm
 
-        items = [dataset[i] for i in tqdm(range(len(dataset)), desc="rendering", leave=False)]
-        self.captions = [it["caption"] for it in items]
-        self.tensors = {k: torch.stack([it[k] for it in items]) for k in items[0] if k != "caption"}
+        chunks = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=num_workers,
+                                             collate_fn=torch.utils.data.default_collate)
+        captions, tensors = [], {}
+        for chunk in tqdm(chunks, desc="rendering", leave=False):
+            captions += chunk.pop("caption")
+            for k, v in chunk.items():
+                tensors.setdefault(k, []).append(v)
+        self.captions = captions
+        self.tensors = {k: torch.cat(v) for k, v in tensors.items()}
 
     def __len__(self):
         return len(self.captions)
@@ -61,7 +70,7 @@ class InMemory(torch.utils.data.Dataset):
 def make_dataset(cfg: DataConfig, extra_sizes: tuple[int, ...] = ()) -> torch.utils.data.Dataset:
     if cfg.source == "world":
         ds = ShapesDataset(cfg.length, cfg.split, cfg.size, extra_sizes)
-        return InMemory(ds) if cfg.cache else ds
+        return InMemory(ds, cfg.num_workers) if cfg.cache else ds
     if cfg.source == "folder":
         if not cfg.path:
             raise ValueError("data.source=folder needs data.path")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -39,6 +40,30 @@ def ema_update(decay: float):
     return update
 
 
+class TimeBudget:
+    """Fit a run into a wall-clock budget (a lent GPU for N minutes): the planned ``steps`` are shortened, never
+    lengthened, from the measured speed, so the cosine schedule still ends and the export still happens in time.
+
+    The speed is measured from the ``skip``-th step of this invocation (past start-up and first-step costs) and
+    re-measured every ``every`` steps (sample grids and checkpoints count). All ranks take rank 0's verdict.
+    """
+
+    def __init__(self, minutes: float, skip: int = 10, first: int = 50, every: int = 200, reserve: float = 0.03):
+        self.start, self.deadline = time.monotonic(), time.monotonic() + 60 * minutes
+        self.skip, self.first, self.every, self.reserve_s = skip, first, every, 60 * minutes * reserve + 5
+        self.mark = None  # (steps done in this invocation, time) where the speed measurement starts
+
+    def fit(self, done: int, step: int, planned: int) -> int | None:
+        """The new total if this is a measuring step (``done`` steps into this invocation), else None."""
+        now = time.monotonic()
+        if done == self.skip:
+            self.mark = (done, now)
+        if self.mark is None or done - self.mark[0] < self.first or (done - self.mark[0] - self.first) % self.every:
+            return None
+        rate = (done - self.mark[0]) / max(now - self.mark[1], 1e-9)
+        return min(planned, step + max(0, int(rate * (self.deadline - now - self.reserve_s))))
+
+
 def _cycle(loader):
     for epoch in itertools.count():
         if hasattr(loader, "set_epoch"):
@@ -49,11 +74,12 @@ def _cycle(loader):
 def train(cfg: TrainConfig, max_steps: int | None = None, progress: bool = True) -> dict:
     """Run (or resume) a training run; returns a summary with the final loss and where things were written."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import broadcast, set_seed
     from tqdm.auto import tqdm
 
     from .recipes import make_recipe
 
+    budget = TimeBudget(cfg.time_budget_minutes) if cfg.time_budget_minutes else None  # start-up counts too
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     set_seed(cfg.seed, device_specific=False)
     out = Path(cfg.output_dir)
@@ -65,7 +91,8 @@ def train(cfg: TrainConfig, max_steps: int | None = None, progress: bool = True)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
     loader = torch.utils.data.DataLoader(recipe.dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                                         num_workers=cfg.data.num_workers, collate_fn=recipe.collate)
+                                         num_workers=cfg.data.num_workers, collate_fn=recipe.collate,
+                                         persistent_workers=cfg.data.num_workers > 0)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     ema = None
     if cfg.ema_decay:
@@ -84,6 +111,7 @@ def train(cfg: TrainConfig, max_steps: int | None = None, progress: bool = True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
 
     total = cfg.steps if max_steps is None else min(cfg.steps, step + max_steps)
+    done = 0  # steps in this invocation
     bar = tqdm(total=total, initial=step, desc=f"train {cfg.recipe}", disable=not (progress and accelerator.is_main_process))
     batches = _cycle(loader)
     model.train()
@@ -100,7 +128,15 @@ def train(cfg: TrainConfig, max_steps: int | None = None, progress: bool = True)
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             ema.update_parameters(accelerator.unwrap_model(model))
-        step += 1
+        step, done = step + 1, done + 1
+        fitted = budget.fit(done, step, cfg.steps) if budget is not None else None
+        if fitted is not None:
+            fitted = int(broadcast(torch.tensor([fitted], device=accelerator.device)).item())  # ranks agree
+            if fitted < cfg.steps:
+                cfg.steps, total = fitted, min(total, fitted)  # the schedule reads cfg.steps: it ends there now
+                bar.total = total
+                if accelerator.is_main_process:
+                    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
         value = loss.detach().float().item()
         running = value if running is None else 0.98 * running + 0.02 * value
         losses.append(value)

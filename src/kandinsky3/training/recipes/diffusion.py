@@ -138,6 +138,9 @@ class DiffusionRecipe(Recipe):
         tensors = getattr(self.dataset, "tensors", None)
         if tensors is None or "image" not in tensors:
             return
+        # a scene's caption is fixed too: tokenised once here, not per batch (88 µs a caption on a CPU thread,
+        # 45 ms for a batch of 512 — longer than a GPU training step)
+        tensors["ids"], tensors["mask"] = self.trainable.text.tokenize(self.dataset.captions)
         images = tensors.pop("image")
         key = hashlib.sha256()
         for name, value in self.movq.state_dict().items():
@@ -155,7 +158,7 @@ class DiffusionRecipe(Recipe):
 
     def prepare(self, batch):
         text = self.trainable.text if not hasattr(self.trainable, "module") else self.trainable.module.text
-        ids, mask = text.tokenize(batch["caption"])
+        ids, mask = (batch["ids"], batch["mask"]) if "ids" in batch else text.tokenize(batch["caption"])
         if "latents" in batch:
             latents = batch["latents"].to(self.device)
         else:
