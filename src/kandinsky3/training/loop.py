@@ -49,7 +49,7 @@ class TimeBudget:
     """
 
     def __init__(self, minutes: float, skip: int = 10, first: int = 50, every: int = 200, reserve: float = 0.03):
-        self.start, self.deadline = time.monotonic(), time.monotonic() + 60 * minutes
+        self.deadline = time.monotonic() + 60 * minutes
         self.skip, self.first, self.every, self.reserve_s = skip, first, every, 60 * minutes * reserve + 5
         self.mark = None  # (steps done in this invocation, time) where the speed measurement starts
 
