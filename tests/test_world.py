@@ -3,6 +3,7 @@
 import random
 
 import numpy as np
+import pytest
 
 from kandinsky3.world import (BACKGROUNDS, COLORS, HELD_OUT_PAIRS, POSITIONS, caption_scene, judge, parse_caption,
                               render, sample_scene, world_sample)
@@ -132,3 +133,25 @@ def test_alignment_report_names_the_wrong_attribute():
     assert report.counts["2 objects"] == (1, 2)
     assert report.misses["2 objects"] == {"color": 0, "shape": 0, "position": 2, "objects": 4}
     assert "0.0% / 0.0% / 50.0%" in report.table()
+
+
+def test_paired_comparison_counts_discordant_captions():
+    """10 captions right only under the first setting and none only under the second: p = 2 / 2¹⁰ (exact McNemar);
+    captions both get right (or wrong) do not count, nor do single-object ones."""
+    from kandinsky3.eval.alignment import AlignmentReport, paired_comparison
+    from kandinsky3.world.judge import ObjectVerdict, Verdict
+
+    def verdict(ok):
+        return Verdict([ObjectVerdict(None, True, ok, True, True)], True)
+
+    a, b = AlignmentReport(1.0, 50), AlignmentReport(0.0, 50)
+    for group, x, y in [("2 objects", True, False)] * 10 + [("3 objects", True, True)] * 5 \
+            + [("held-out pairs", False, False)] * 3 + [("1 object", False, True)] * 4:
+        a.add(group, verdict(x))
+        b.add(group, verdict(y))
+    assert paired_comparison(a, b) == (10, 0, 2 / 1024)
+    assert paired_comparison(a, b, groups=("1 object",)) == (0, 4, 2 / 16)
+    assert paired_comparison(a, a)[:2] == (0, 0) and paired_comparison(a, a)[2] == 1.0
+    b.add("2 objects", verdict(True))
+    with pytest.raises(ValueError, match="same captions"):
+        paired_comparison(a, b)

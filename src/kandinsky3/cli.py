@@ -266,13 +266,19 @@ def _eval(args):
             print(f"judge on round trips (latent noise σ={sigma}): "
                   + ", ".join(f"{g} {report.rate(g):.1%}" for g in sorted(report.counts)))
     else:
-        from .eval.alignment import evaluate_alignment
+        from .eval.alignment import MULTI_OBJECT, evaluate_alignment, paired_comparison
 
         runs = [args.guidance] + ([] if args.no_baseline else [0.0])
-        for guidance in runs:
-            report = evaluate_alignment(pipe, args.num, guidance, args.steps, held_out=args.held_out)
+        reports = [evaluate_alignment(pipe, args.num, guidance, args.steps, held_out=args.held_out)
+                   for guidance in runs]
+        for report in reports:
             print(report.table() + "\n")
             results[f"guidance_{report.guidance}"] = report.to_dict()
+        if len(reports) == 2:
+            only_guided, only_unguided, p = paired_comparison(*reports)
+            print(f"guidance {reports[0].guidance} vs 0 on the same {', '.join(MULTI_OBJECT)} captions and seeds: "
+                  f"{only_guided} right only with guidance, {only_unguided} only without (exact McNemar p = {p:.2g})")
+            results["paired_multi_object"] = {"only_guided": only_guided, "only_unguided": only_unguided, "p": p}
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -17,8 +17,10 @@ class AlignmentReport:
     steps: int
     counts: dict = field(default_factory=dict)  # group → (aligned, total)
     misses: dict = field(default_factory=dict)  # group → {attribute: objects whose stated attribute is wrong, objects}
+    aligned: list = field(default_factory=list)  # (group, 0 | 1) per caption, in order: for paired comparisons
 
     def add(self, group: str, verdict: Verdict):
+        self.aligned.append((group, int(verdict.aligned)))
         a, n = self.counts.get(group, (0, 0))
         self.counts[group] = (a + int(verdict.aligned), n + 1)
         misses = self.misses.setdefault(group, dict.fromkeys((*ATTRIBUTES, "objects"), 0))
@@ -44,7 +46,27 @@ class AlignmentReport:
 
     def to_dict(self) -> dict:
         return {"guidance": self.guidance, "steps": self.steps,
-                "rates": {g: self.rate(g) for g in self.counts}, "counts": self.counts, "misses": self.misses}
+                "rates": {g: self.rate(g) for g in self.counts}, "counts": self.counts, "misses": self.misses,
+                "aligned": self.aligned}
+
+
+MULTI_OBJECT = ("2 objects", "3 objects", "held-out pairs")
+
+
+def paired_comparison(a: AlignmentReport, b: AlignmentReport, groups=MULTI_OBJECT) -> tuple[int, int, float]:
+    """Two settings on the same captions and seeds: (captions right only under ``a``, right only under ``b``, exact
+    two-sided McNemar p-value). Pairing removes the captions both get right or wrong, so a few points of
+    difference between rates can be told from noise."""
+    import math
+
+    if [g for g, _ in a.aligned] != [g for g, _ in b.aligned]:
+        raise ValueError("paired comparison needs the same captions in the same order (same --num / --held-out)")
+    pairs = [(x, y) for (g, x), (_, y) in zip(a.aligned, b.aligned) if g in groups]
+    only_a = sum(x > y for x, y in pairs)
+    only_b = sum(y > x for x, y in pairs)
+    n = only_a + only_b
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n if n else 0.5
+    return only_a, only_b, min(1.0, 2 * tail)
 
 
 def object_count_group(sample) -> str:
