@@ -15,14 +15,20 @@ from ..world.judge import Verdict
 class AlignmentReport:
     guidance: float
     steps: int
-    counts: dict = field(default_factory=dict)  # group → (aligned, total)
     misses: dict = field(default_factory=dict)  # group → {attribute: objects whose stated attribute is wrong, objects}
     aligned: list = field(default_factory=list)  # (group, 0 | 1) per caption, in order: for paired comparisons
 
+    @property
+    def counts(self) -> dict:
+        """group → (aligned captions, captions)."""
+        counts = {}
+        for group, ok in self.aligned:
+            a, n = counts.get(group, (0, 0))
+            counts[group] = (a + ok, n + 1)
+        return counts
+
     def add(self, group: str, verdict: Verdict):
         self.aligned.append((group, int(verdict.aligned)))
-        a, n = self.counts.get(group, (0, 0))
-        self.counts[group] = (a + int(verdict.aligned), n + 1)
         misses = self.misses.setdefault(group, dict.fromkeys((*ATTRIBUTES, "objects"), 0))
         for obj in verdict.objects:
             misses["objects"] += 1
@@ -37,16 +43,18 @@ class AlignmentReport:
         """Aligned captions per group, and which stated attributes were wrong (as a share of the group's objects)."""
         lines = [f"guidance {self.guidance}, {self.steps} steps",
                  f"{'captions':<28}{'aligned':>10}{'n':>6}   wrong per object: colour / shape / position"]
-        for group in sorted(self.counts):
-            a, n = self.counts[group]
+        counts = self.counts
+        for group in sorted(counts):
+            a, n = counts[group]
             m = self.misses.get(group, {})
             wrong = " / ".join(f"{m[k] / m['objects']:.1%}" for k in ATTRIBUTES) if m.get("objects") else "-"
             lines.append(f"{group:<28}{a / n:>10.1%}{n:>6}   {wrong}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
+        counts = self.counts
         return {"guidance": self.guidance, "steps": self.steps,
-                "rates": {g: self.rate(g) for g in self.counts}, "counts": self.counts, "misses": self.misses,
+                "rates": {g: a / n for g, (a, n) in counts.items()}, "counts": counts, "misses": self.misses,
                 "aligned": self.aligned}
 
 

@@ -108,7 +108,7 @@ def train(cfg: TrainConfig, max_steps: int | None = None, progress: bool = True)
         accelerator.print(f"resumed from {state_dir} at step {step}")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+        _write_config(cfg, out)
 
     total = cfg.steps if max_steps is None else min(cfg.steps, step + max_steps)
     done = 0  # steps in this invocation
@@ -136,7 +136,7 @@ def train(cfg: TrainConfig, max_steps: int | None = None, progress: bool = True)
                 cfg.steps, total = fitted, min(total, fitted)  # the schedule reads cfg.steps: it ends there now
                 bar.total = total
                 if accelerator.is_main_process:
-                    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+                    _write_config(cfg, out)
         value = loss.detach().float().item()
         running = value if running is None else 0.98 * running + 0.02 * value
         losses.append(value)
@@ -163,6 +163,10 @@ def train(cfg: TrainConfig, max_steps: int | None = None, progress: bool = True)
     summary["rank"] = accelerator.process_index
     summary["world_size"] = accelerator.num_processes
     return summary
+
+
+def _write_config(cfg: TrainConfig, out: Path):
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
 
 
 def _eval_module(ema, accelerator, model):

@@ -133,8 +133,8 @@ class DiffusionRecipe(Recipe):
 
     @torch.no_grad()
     def _cache_latents(self):
-        """Encode an in-memory dataset once; the latents are also kept in ``output_dir`` (keyed by the encoder's
-        weights and the images), so a resumed run does not spend minutes re-encoding 100k images on a CPU."""
+        """Encode (and tokenise) an in-memory dataset once; the latents are also kept in ``output_dir`` (keyed by the
+        encoder's weights and the images), so a resumed run does not spend minutes re-encoding 100k images on a CPU."""
         tensors = getattr(self.dataset, "tensors", None)
         if tensors is None or "image" not in tensors:
             return
