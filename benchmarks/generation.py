@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from kandinsky3 import Kandinsky3
+from kandinsky3 import Kandinsky3, TextToImage
 from kandinsky3.models import MoVQ
 from kandinsky3.registry import VARIANTS
 
@@ -48,21 +48,30 @@ def generation(args):
     with torch.no_grad():
         for _ in range(args.repeats):
             for pipe, times in zip(pipes, totals):
-                times.append(clock(lambda: pipe.generate(PROMPT, seed=0, sampler=args.sampler, progress=False),
-                                   device, repeats=1)[0])
+                times.append(
+                    clock(
+                        lambda: pipe.generate(PROMPT, seed=0, sampler=args.sampler, progress=False), device, repeats=1
+                    )[0]
+                )
         for name, pipe, times in zip(names, pipes, totals):
-            s = pipe._settings({"sampler": args.sampler})
+            s = TextToImage(prompt=PROMPT, sampler=args.sampler).resolve(pipe.variant)
             enc, _ = clock(lambda: pipe.text_encoder.encode([PROMPT]), device)
             latent = torch.randn(1, pipe.latent_channels, s.height // pipe.latent_factor, s.width // pipe.latent_factor)
             dec, _ = clock(lambda: pipe.movq.decode(latent.to(device)), device)
             total = statistics.median(times)
-            print(f"{name} ({pipe.variant.name}): {s.width}x{s.height}, sampler {s.sampler}, {s.steps} steps, "
-                  f"guidance {s.guidance}, device {device}, {torch.get_num_threads()} threads")
-            print(f"whole generation {total:.3f} s, median of {len(times)}  (text encoder {enc * 1000:.1f} ms, MoVQ "
-                  f"decode {dec * 1000:.1f} ms, U-Net steps + rest {total - enc - dec:.3f} s)")
+            print(
+                f"{name} ({pipe.variant.name}): {s.width}x{s.height}, sampler {s.sampler}, {s.steps} steps, "
+                f"guidance {s.guidance}, device {device}, {torch.get_num_threads()} threads"
+            )
+            print(
+                f"whole generation {total:.3f} s, median of {len(times)}  (text encoder {enc * 1000:.1f} ms, MoVQ "
+                f"decode {dec * 1000:.1f} ms, U-Net steps + rest {total - enc - dec:.3f} s)"
+            )
     if args.against:
-        print(f"{args.model} takes {statistics.median(totals[0]) / statistics.median(totals[1]):.2f}x the time of "
-              f"{args.against}")
+        print(
+            f"{args.model} takes {statistics.median(totals[0]) / statistics.median(totals[1]):.2f}x the time of "
+            f"{args.against}"
+        )
 
 
 def movq_variants(args):

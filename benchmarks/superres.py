@@ -70,14 +70,21 @@ def make_upscaler(args, device) -> SuperRes:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="nano", choices=["nano", "full", "tiny"],
-                    help="nano (trained, world scenes), full (413M, random weights) or tiny (random, smoke test)")
+    ap.add_argument(
+        "--model",
+        default="nano",
+        choices=["nano", "full", "tiny"],
+        help="nano (trained, world scenes), full (413M, random weights) or tiny (random, smoke test)",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="full / tiny only")
     ap.add_argument("--size", type=int, default=None, help="input side in px (default: 128 nano, 1024 full)")
-    ap.add_argument("--geometries", default=None,
-                    help="comma list of WINDOW:STRIDE in output px, 0 = whole image "
-                         "(default nano 128:100,272:240,0; full 1024:800,2176:1920,0)")
+    ap.add_argument(
+        "--geometries",
+        default=None,
+        help="comma list of WINDOW:STRIDE in output px, 0 = whole image "
+        "(default nano 128:100,272:240,0; full 1024:800,2176:1920,0)",
+    )
     ap.add_argument("--blend", default="uniform", choices=["uniform", "ramp"])
     ap.add_argument("--view-batch-size", type=int, default=15)
     ap.add_argument("--repeats", type=int, default=3)
@@ -99,9 +106,18 @@ def main():
 
     rows, reference = [], None
     for window, stride in geoms:
+
         def run(lr, window=window, stride=stride):
-            return sr.upscale(lr, scale=4, seed=0, window=window, stride=stride, blend=args.blend,
-                              view_batch_size=args.view_batch_size, progress=False)
+            return sr.upscale(
+                lr,
+                scale=4,
+                seed=0,
+                window=window,
+                stride=stride,
+                blend=args.blend,
+                view_batch_size=args.view_batch_size,
+                progress=False,
+            )
 
         try:
             with torch.no_grad():
@@ -120,8 +136,10 @@ def main():
         vs_truth = None if pairs[0][1] is None else statistics.mean(psnr(o, hr) for o, (_, hr) in zip(outputs, pairs))
         rows.append((window, stride, seconds, vs_ref, vs_truth, peak))
 
-    print(f"{sr.name}: {size} → {size * 4} px, 4×, {sr.steps} steps, blend {args.blend}, device {device}"
-          f"{'' if device.type == 'cuda' else f', {torch.get_num_threads()} threads'}")
+    print(
+        f"{sr.name}: {size} → {size * 4} px, 4×, {sr.steps} steps, blend {args.blend}, device {device}"
+        f"{'' if device.type == 'cuda' else f', {torch.get_num_threads()} threads'}"
+    )
     print("| window:stride | views | time s | speed-up | PSNR vs first dB | PSNR vs truth dB | peak GiB |")
     print("|---|---|---|---|---|---|---|")
     from kandinsky3.diffusion.tiling import get_views
@@ -133,9 +151,14 @@ def main():
         if seconds is None:
             print(f"| {name} | {views} | out of memory | | | | |")
             continue
-        fmt = (lambda v: "–" if v is None else ("∞" if math.isinf(v) else f"{v:.2f}"))
-        print(f"| {name} | {views} | {seconds:.2f} | {reference[0] / seconds:.2f}× | {fmt(vs_ref)} | {fmt(vs_truth)} "
-              f"| {fmt(peak)} |")
+
+        def fmt(v):
+            return "–" if v is None else ("∞" if math.isinf(v) else f"{v:.2f}")
+
+        print(
+            f"| {name} | {views} | {seconds:.2f} | {reference[0] / seconds:.2f}× | {fmt(vs_ref)} | {fmt(vs_truth)} "
+            f"| {fmt(peak)} |"
+        )
 
 
 if __name__ == "__main__":

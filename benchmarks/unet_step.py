@@ -19,8 +19,14 @@ from kandinsky3.checkpoints import keymaps
 from kandinsky3.models import UNet, UNetConfig
 from kandinsky3.registry import VARIANTS
 
-SMALL = UNetConfig(model_channels=64, init_channels=32, time_embed_dim=256, context_dim=256, dim_mult=(1, 2, 4, 8),
-                   num_blocks=(2, 2, 2, 2))
+SMALL = UNetConfig(
+    model_channels=64,
+    init_channels=32,
+    time_embed_dim=256,
+    context_dim=256,
+    dim_mult=(1, 2, 4, 8),
+    num_blocks=(2, 2, 2, 2),
+)
 
 
 def build(config: UNetConfig, dtype, device):
@@ -30,15 +36,19 @@ def build(config: UNetConfig, dtype, device):
     g = torch.Generator().manual_seed(0)
     for p in ours.parameters():
         p.data.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    projection = {"0.weight": torch.randn(config.context_dim, config.context_dim, generator=g) * 0.02,
-                  "1.weight": torch.ones(config.context_dim), "1.bias": torch.zeros(config.context_dim)}
+    projection = {
+        "0.weight": torch.randn(config.context_dim, config.context_dim, generator=g) * 0.02,
+        "1.weight": torch.ones(config.context_dim),
+        "1.bias": torch.zeros(config.context_dim),
+    }
     cfg = {k: v for k, v in keymaps.unet_config_to_diffusers(config).items() if not k.startswith("_")}
     theirs = diffusers.Kandinsky3UNet(**cfg)
     theirs.load_state_dict(keymaps.unet_to_diffusers(ours.state_dict(), projection))
     ours = ours.to(device, dtype).eval()
     theirs = theirs.to(device, dtype).eval()
-    proj = torch.nn.Sequential(torch.nn.Linear(config.context_dim, config.context_dim, bias=False),
-                               torch.nn.LayerNorm(config.context_dim)).to(device, dtype)
+    proj = torch.nn.Sequential(
+        torch.nn.Linear(config.context_dim, config.context_dim, bias=False), torch.nn.LayerNorm(config.context_dim)
+    ).to(device, dtype)
     proj[0].weight.data.copy_(projection["0.weight"])
     return ours, theirs, proj
 
@@ -84,7 +94,7 @@ def main():
     t = torch.full((args.batch,), 500.0, device=device)
     raw = torch.randn(args.batch, args.tokens, config.context_dim, generator=g).to(device, dtype)
     mask = torch.ones(args.batch, args.tokens, dtype=torch.long, device=device)
-    mask[:, args.tokens // 2:] = 0
+    mask[:, args.tokens // 2 :] = 0
     with torch.no_grad():
         context = proj(raw)
         run_ours = lambda: ours(x, t, context, mask)  # noqa: E731
@@ -99,8 +109,10 @@ def main():
         mem = {"ours": peak_memory(run_ours, device), "diffusers": peak_memory(run_theirs, device)}
     med = {k: statistics.median(v) for k, v in times.items()}
     params = sum(p.numel() for p in ours.parameters())
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), dtype {args.dtype}, "
-          f"U-Net {params / 1e6:.1f}M params, batch {args.batch}, latent {h}x{h}, {args.tokens} tokens")
+    print(
+        f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), dtype {args.dtype}, "
+        f"U-Net {params / 1e6:.1f}M params, batch {args.batch}, latent {h}x{h}, {args.tokens} tokens"
+    )
     print(f"max |ours - diffusers| = {diff:.2e}")
     for k in ("ours", "diffusers"):
         m = f", peak {mem[k]:.2f} GiB" if mem[k] is not None else ""

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from kandinsky3.checkpoints.io import save_safetensors
 from kandinsky3.eval.metrics import movq_psnr
+from kandinsky3.training.checkpointing import checkpoint_weights
 from kandinsky3.training.recipes.movq import load_movq_export, rescale_latents
 from kandinsky3.world.dataset import to_tensor, world_sample
 
@@ -24,7 +25,7 @@ def main():
     args = ap.parse_args()
     movq = load_movq_export(f"{args.run}/export")  # the EMA export (and its config)
     if args.weights == "live":
-        sd = load_file(f"{args.run}/checkpoint/model.safetensors")
+        sd = load_file(checkpoint_weights(args.run))  # the newest complete checkpoint's live weights
         movq.load_state_dict({k.removeprefix("movq."): v for k, v in sd.items() if k.startswith("movq.")})
     images = torch.stack([to_tensor(world_sample(i, "test").image) for i in range(200)])
     before = movq_psnr(movq, images)

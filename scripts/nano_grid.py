@@ -1,6 +1,6 @@
 """Render the README / docs grid of nano results: each row a caption, 4 seeds, with the judge's verdict.
 
-    python scripts/nano_grid.py --out docs/nano_grid.png
+python scripts/nano_grid.py --out docs/nano_grid.png
 """
 
 import argparse
@@ -36,7 +36,9 @@ def main():
         for col, image in enumerate(images):
             grid.paste(image.resize((c, c), Image.NEAREST), (label_w + col * c, row * c))
             ok = judge(image, caption).aligned
-            draw.text((label_w + col * c + 4, row * c + 2), "OK" if ok else "X", fill=(0, 160, 0) if ok else (200, 0, 0))
+            draw.text(
+                (label_w + col * c + 4, row * c + 2), "OK" if ok else "X", fill=(0, 160, 0) if ok else (200, 0, 0)
+            )
     grid.save(args.out)
     print(args.out)
 

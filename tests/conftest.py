@@ -20,6 +20,10 @@ def tiny_inpainting():
     from kandinsky3.registry import VARIANTS
 
     v = VARIANTS["tiny"]
-    v = replace(v, name="tiny-inpainting", unet=replace(v.unet, num_channels=9),
-                sampler=replace(v.sampler, guidance=4.0, threshold_percentile=0.95))
+    v = replace(
+        v,
+        name="tiny-inpainting",
+        unet=replace(v.unet, num_channels=9),
+        sampler=replace(v.sampler, guidance=4.0, threshold_percentile=0.95),
+    )
     return Kandinsky3(tiny_components(v, seed=1))

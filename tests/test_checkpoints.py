@@ -60,12 +60,26 @@ def test_official_to_diffusers_to_official_is_bit_identical(official_dir, tmp_pa
     assert list(raw) == list(back)
 
 
-def test_diffusers_folder_loads_in_diffusers_itself(official_dir, tmp_path):
+def test_diffusers_folder_loads_in_diffusers_itself(tiny, official_dir, tmp_path):
     diffusers = pytest.importorskip("diffusers")
     convert(official_dir, tmp_path / "d", to="diffusers")
-    unet = diffusers.Kandinsky3UNet.from_pretrained(tmp_path / "d" / "unet")
-    movq = diffusers.VQModel.from_pretrained(tmp_path / "d" / "movq")
-    assert sum(p.numel() for p in unet.parameters()) > 0 and movq.config.norm_type == "spatial"
+    unet = diffusers.Kandinsky3UNet.from_pretrained(tmp_path / "d" / "unet").eval()
+    movq = diffusers.VQModel.from_pretrained(tmp_path / "d" / "movq").eval()
+    assert movq.config.norm_type == "spatial"
+    # the loaded models compute what ours (the weights official_dir was written from) do; diffusers' U-Net
+    # applies the text projection itself
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([500.0])
+    raw = torch.randn(1, 5, tiny.text_encoder.projection[0].in_features, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0]])
+    image = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1
+    with torch.no_grad():
+        ours = tiny.unet(x, t, tiny.text_encoder.projection(raw), mask)
+        theirs = unet(x, t, raw, mask).sample
+        assert ours.abs().mean() > 0.01 and (ours - theirs).abs().max() <= 1e-4
+        z, z_ref = tiny.movq.encode(image), movq.encode(image).latents
+        assert (z - z_ref).abs().max() <= 1e-4
+        assert (tiny.movq.decode(z) - movq.decode(z, force_not_quantize=True).sample).abs().max() <= 1e-4
 
 
 def test_native_safetensors_round_trip(tiny, official_dir, tmp_path):
@@ -133,7 +147,9 @@ def test_offline_hub_error_names_files_and_command(monkeypatch, tmp_path):
     with pytest.raises(CheckpointError) as info:
         resolve("base", local_files_only=True)
     text = str(info.value)
-    assert "weights/kandinsky3.pt" in text and "weights/movq.pt" in text and "hf download ai-forever/Kandinsky3.1" in text
+    assert (
+        "weights/kandinsky3.pt" in text and "weights/movq.pt" in text and "hf download ai-forever/Kandinsky3.1" in text
+    )
     assert fetch_command("a/b", ["x.pt"]) == "hf download a/b --include 'x.pt' --local-dir ./b"
 
 

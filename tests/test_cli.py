@@ -9,15 +9,47 @@ from kandinsky3.cli import main
 
 def test_generate_writes_png_with_metadata(tmp_path, capsys):
     out = tmp_path / "x.png"
-    assert main(["generate", "a red circle", "--model", "tiny", "--seed", "0", "--steps", "3", "--out", str(out),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "a red circle",
+                "--model",
+                "tiny",
+                "--seed",
+                "0",
+                "--steps",
+                "3",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     meta = read_metadata(out)
     assert meta["prompt"] == "a red circle" and meta["seed"] == 0 and meta["steps"] == 3
 
 
 def test_several_images_get_numbered(tmp_path):
-    assert main(["generate", "a star", "--model", "tiny", "--num-images", "2", "--steps", "2", "--out",
-                 str(tmp_path / "s.png"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "a star",
+                "--model",
+                "tiny",
+                "--num-images",
+                "2",
+                "--steps",
+                "2",
+                "--out",
+                str(tmp_path / "s.png"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "s-0.png").is_file() and (tmp_path / "s-1.png").is_file()
 
 
@@ -42,8 +74,28 @@ def test_upscale_writes_a_4x_png_with_its_settings(tmp_path):
 
     Image.new("RGB", (20, 12), (200, 40, 40)).save(tmp_path / "small.png")
     out = tmp_path / "big.png"
-    assert main(["upscale", str(tmp_path / "small.png"), "--model", "tiny", "--steps", "2", "--window", "32",
-                 "--stride", "24", "--blend", "uniform", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "upscale",
+                str(tmp_path / "small.png"),
+                "--model",
+                "tiny",
+                "--steps",
+                "2",
+                "--window",
+                "32",
+                "--stride",
+                "24",
+                "--blend",
+                "uniform",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     meta = read_metadata(out)
     assert Image.open(out).size == (80, 48) and meta["blend"] == "uniform" and meta["window"] == 32
 

@@ -17,8 +17,9 @@ def _count(sd):
     return sum(t.numel() for t in sd.values())
 
 
-@pytest.mark.parametrize("name,params", [("base", 3_038_562_820), ("flash", 3_038_562_820),
-                                         ("inpainting", 3_038_571_460)])
+@pytest.mark.parametrize(
+    "name,params", [("base", 3_038_562_820), ("flash", 3_038_562_820), ("inpainting", 3_038_571_460)]
+)
 def test_unet_presets(name, params):
     sd = _meta(UNet, VARIANTS[name].unet).state_dict()
     assert len(sd) == 1068
@@ -48,8 +49,11 @@ def test_unet_key_examples_from_the_spec():
 def test_unet_keys_map_onto_diffusers_exactly():
     diffusers = pytest.importorskip("diffusers")
     sd = _meta(UNet, VARIANTS["base"].unet).state_dict()
-    projection = {"0.weight": torch.empty(4096, 4096, device="meta"), "1.weight": torch.empty(4096, device="meta"),
-                  "1.bias": torch.empty(4096, device="meta")}
+    projection = {
+        "0.weight": torch.empty(4096, 4096, device="meta"),
+        "1.weight": torch.empty(4096, device="meta"),
+        "1.bias": torch.empty(4096, device="meta"),
+    }
     converted = keymaps.unet_to_diffusers(sd, projection)
     with torch.device("meta"):
         ref = diffusers.Kandinsky3UNet().state_dict()

@@ -8,8 +8,16 @@ from kandinsky3.models import MoVQ, MoVQConfig, UNet, UNetConfig
 
 diffusers = pytest.importorskip("diffusers")
 
-UNET_CFG = UNetConfig(model_channels=32, init_channels=16, time_embed_dim=64, context_dim=48, groups=8, head_dim=16,
-                      dim_mult=(1, 2, 2, 4), num_blocks=(2, 2, 2, 2))
+UNET_CFG = UNetConfig(
+    model_channels=32,
+    init_channels=16,
+    time_embed_dim=64,
+    context_dim=48,
+    groups=8,
+    head_dim=16,
+    dim_mult=(1, 2, 2, 4),
+    num_blocks=(2, 2, 2, 2),
+)
 MOVQ_CFG = MoVQConfig(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(4,), resolution=32)
 
 
@@ -28,16 +36,20 @@ def _diffusers_kwargs(config: dict) -> dict:
 def unet_pair():
     ours = _randomise(UNet(UNET_CFG), 0.2)
     g = torch.Generator().manual_seed(1)
-    projection = {"0.weight": torch.randn(48, 48, generator=g) * 0.1, "1.weight": torch.rand(48, generator=g) + 0.5,
-                  "1.bias": torch.randn(48, generator=g) * 0.1}
+    projection = {
+        "0.weight": torch.randn(48, 48, generator=g) * 0.1,
+        "1.weight": torch.rand(48, generator=g) + 0.5,
+        "1.bias": torch.randn(48, generator=g) * 0.1,
+    }
     theirs = diffusers.Kandinsky3UNet(**_diffusers_kwargs(keymaps.unet_config_to_diffusers(UNET_CFG))).eval()
     theirs.load_state_dict(keymaps.unet_to_diffusers(ours.state_dict(), projection), strict=True)
     return ours, theirs, projection
 
 
 def _project(raw, projection):
-    return torch.nn.functional.layer_norm(raw @ projection["0.weight"].T, (48,), projection["1.weight"],
-                                          projection["1.bias"])
+    return torch.nn.functional.layer_norm(
+        raw @ projection["0.weight"].T, (48,), projection["1.weight"], projection["1.bias"]
+    )
 
 
 def test_unet_matches_diffusers(unet_pair):
@@ -116,9 +128,9 @@ def test_tiled_decode_shape_and_blend():
     movq = _randomise(MoVQ(MOVQ_CFG, tile_sample_min_size=32), 0.1)
     z = torch.randn(1, 4, 10, 14, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
-        tiled = movq.decode(z)
+        tiled = movq.decode(z, tiled=True)
         top, below = movq.decode_untiled(z[..., 0:4, 0:4]), movq.decode_untiled(z[..., 3:7, 0:4])
-        enc = movq.encode(torch.randn(1, 3, 80, 112, generator=torch.Generator().manual_seed(7)))
+        enc = movq.encode(torch.randn(1, 3, 80, 112, generator=torch.Generator().manual_seed(7)), tiled=True)
     assert tiled.shape == (1, 3, 80, 112)
     assert enc.shape == (1, 4, 10, 14)
     assert torch.allclose(tiled[..., :24, :24], top[..., :24, :24])

@@ -34,8 +34,20 @@ def test_registry_entry_describes_the_committed_weights(nano):
 
 def test_cli_default_model_writes_the_png(tmp_path):
     out = tmp_path / "x.png"
-    assert main(["generate", "a red circle in the top left on a gray background", "--seed", "0", "--out", str(out),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "a red circle in the top left on a gray background",
+                "--seed",
+                "0",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert read_metadata(out)["model"] == "nano"
 
 
@@ -81,8 +93,9 @@ def test_template_beautify_with_nano_cli(tmp_path):
     from PIL import Image
 
     out = tmp_path / "star.png"
-    assert main(["generate", "a star", "--beautify", "template", "--seed", "0", "--out", str(out),
-                 "--no-progress"]) == 0
+    assert (
+        main(["generate", "a star", "--beautify", "template", "--seed", "0", "--out", str(out), "--no-progress"]) == 0
+    )
     meta = read_metadata(out)
     assert meta["original_prompt"] == "a star" and meta["prompt"] != "a star" and "star" in meta["prompt"]
     verdict = judge(Image.open(out), meta["prompt"])

@@ -9,8 +9,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from kandinsky3.prompts import (TEMPLATE, Beautifier, LocalLLM, ServerLLM, TemplateBeautifier, clean_text, fit_tokens,
-                                make_beautifier)
+from kandinsky3.prompts import (
+    TEMPLATE,
+    Beautifier,
+    LocalLLM,
+    ServerLLM,
+    TemplateBeautifier,
+    clean_text,
+    fit_tokens,
+    make_beautifier,
+)
 
 
 def test_clean_text():
@@ -32,15 +40,29 @@ def tiny_mistral():
     from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([TEMPLATE.format(prompt="a red circle in the top left")] * 4, vocab_size=300,
-                            special_tokens=["<s>", "</s>", "###"])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
-                                        pad_token="</s>")
+    bpe.train_from_iterator(
+        [TEMPLATE.format(prompt="a red circle in the top left")] * 4,
+        vocab_size=300,
+        special_tokens=["<s>", "</s>", "###"],
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    )
     torch.manual_seed(0)
-    model = MistralForCausalLM(MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                             max_position_embeddings=512, pad_token_id=1, eos_token_id=1,
-                                             bos_token_id=0)).eval()
+    model = MistralForCausalLM(
+        MistralConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            pad_token_id=1,
+            eos_token_id=1,
+            bos_token_id=0,
+        )
+    ).eval()
     return model, tokenizer
 
 
@@ -64,7 +86,11 @@ def test_local_backend_runs_the_template_token_by_token(tiny_mistral):
     expected = TEMPLATE.format(prompt="a red circle in the top left")
     assert seen["ids"][0].tolist() == tokenizer(expected)["input_ids"]
     assert tokenizer.decode(seen["ids"][0]) == expected  # the exact template, character for character
-    assert isinstance(result.prompt, str) and "\n" not in result.prompt and result.original == "a red circle in the top left"
+    assert (
+        isinstance(result.prompt, str)
+        and "\n" not in result.prompt
+        and result.original == "a red circle in the top left"
+    )
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -90,9 +116,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"{not json")
             return
         user = body["messages"][-1]["content"]
-        answer = {"choices": [{"message": {"role": "assistant",
-                                           "content": f'Prompt: "{user}, soft studio light, detailed"'}}],
-                  "auth": self.headers.get("Authorization")}
+        answer = {
+            "choices": [
+                {"message": {"role": "assistant", "content": f'Prompt: "{user}, soft studio light, detailed"'}}
+            ],
+            "auth": self.headers.get("Authorization"),
+        }
         self.wfile.write(json.dumps(answer).encode())
 
 
@@ -120,7 +149,9 @@ def test_server_success_uses_the_answer_and_the_key(server, monkeypatch):
     assert backend("a cat") is result and _Handler.calls["ok"] == calls  # cached: no second request
 
 
-@pytest.mark.parametrize("mode,attempts,reason", [("slow", 2, "attempts"), ("error", 3, "500"), ("bad", 1, "malformed")])
+@pytest.mark.parametrize(
+    "mode,attempts,reason", [("slow", 2, "attempts"), ("error", 3, "500"), ("bad", 1, "malformed")]
+)
 def test_server_failures_fall_back_with_one_warning(server, mode, attempts, reason):
     backend = ServerLLM(f"{server}/{mode}", retries=attempts - 1 if mode != "bad" else 2, timeout=0.3, backoff=0.01)
     _Handler.calls[mode] = 0

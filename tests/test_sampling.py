@@ -3,8 +3,16 @@
 import pytest
 import torch
 
-from kandinsky3.diffusion import (Conditioning, Denoiser, NoiseSchedule, dynamic_threshold, flash_timesteps,
-                                  official_timesteps, sample_ddim, sample_flash)
+from kandinsky3.diffusion import (
+    Conditioning,
+    Denoiser,
+    NoiseSchedule,
+    dynamic_threshold,
+    flash_timesteps,
+    official_timesteps,
+    sample_ddim,
+    sample_flash,
+)
 
 
 @pytest.fixture(scope="module")
@@ -15,8 +23,14 @@ def cosine():
 def test_alpha_bar_golden_values(cosine):
     ab = cosine.alphas_cumprod
     assert ab.dtype == torch.float32 and len(ab) == 1000
-    for t, value, rel in [(0, 0.999959, 1e-6), (229, 0.86877, 1e-4), (479, 0.52500, 1e-4), (729, 0.16685, 1e-4),
-                          (979, 9.71e-4, 1e-3), (999, 2.43e-9, 1e-2)]:
+    for t, value, rel in [
+        (0, 0.999959, 1e-6),
+        (229, 0.86877, 1e-4),
+        (479, 0.52500, 1e-4),
+        (729, 0.16685, 1e-4),
+        (979, 9.71e-4, 1e-3),
+        (999, 2.43e-9, 1e-2),
+    ]:
         assert abs(ab[t].item() - value) <= rel * value, t
 
 
@@ -38,18 +52,36 @@ def test_timestep_lists():
     t25 = official_timesteps(25)
     assert t25[:2] == [999, 959] and t25[-2:] == [39, 0] and len(t25) == 26
     assert flash_timesteps(4) == [979, 729, 479, 229]
+    # steps that do not divide 1000: the official `-1000 // steps` is a ceil stride (30 → 34, not 33)
+    t30 = official_timesteps(30)
+    assert t30 == [999 - 34 * k for k in range(30)] + [0] and t30[-2] == 13
+    assert official_timesteps(7) == [999, 856, 713, 570, 427, 284, 141, 0]  # stride 143
+    assert all(len(official_timesteps(n)) - 1 <= n for n in range(1, 101))  # never more U-Net calls than steps
+    assert flash_timesteps(3) == [979, 645, 311]  # stride 334
     with pytest.raises(ValueError, match="steps"):
         official_timesteps(0)
 
 
 def test_dynamic_threshold():
-    # sample 0: |x| quantile below 1 → s = 1, values only clipped to ±1; sample 1: large values → rescaled by s
-    x = torch.stack([torch.linspace(-0.5, 0.5, 101), torch.linspace(-10, 10, 101)]).reshape(2, 1, 1, 101)
+    """s = max(quantile(|x0|, p), 1) per sample, x0 → clip(x0, ±s)/s, with data where every part shows:
+    sample 0 has |x| = 1, 2, …, 100 (quantile 0.99 = 1 + 0.99·99 = 99.01, not the maximum 100), sample 1 stays
+    within ±0.5 (s clamps to 1: unchanged), sample 2 is small but for one outlier (quantile < 1, so s = 1 and the
+    outlier is clipped to −1, nothing rescaled)."""
+    signs = torch.tensor([1.0, -1.0]).repeat(50)
+    big = torch.arange(1.0, 101.0) * signs
+    small = torch.linspace(-0.5, 0.5, 100)
+    outliers = small.clone()
+    outliers[90] = -7.0  # 1 value in 100: the 0.99 quantile is 0.5 + 0.01·6.5 = 0.565 < 1
+    x = torch.stack([big, small, outliers]).reshape(3, 1, 1, 100)
     y = dynamic_threshold(x, 0.99)
-    assert torch.equal(y[0], x[0])
-    s = torch.quantile(x[1].abs().flatten(), 0.99)
-    assert torch.allclose(y[1], x[1].clamp(-s, s) / s)
-    assert y[1].abs().max() == 1.0
+
+    s = 1 + 0.99 * 99  # linear-interpolated quantile of 1..100 at 0.99
+    assert torch.allclose(y[0].flatten(), big.clamp(-s, s) / s, atol=1e-6)
+    assert y[0].flatten()[99].item() == pytest.approx(-1.0) and y[0].flatten()[49].item() == pytest.approx(-50 / s)
+    assert torch.equal(y[1], x[1])
+    assert torch.equal(y[2].flatten(), outliers.clamp(-1, 1))
+    # a lower percentile clips more: 0.5 → s = 50.5
+    assert dynamic_threshold(x, 0.5)[0].flatten()[49].item() == pytest.approx(-50 / 50.5)
 
 
 def test_ddim_eta1_step_is_the_official_formula(cosine):
@@ -105,15 +137,20 @@ class _RecordingUNet(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.zeros(1))
         self.calls = []
 
-    def forward(self, x, t, context, mask, residuals=None, lengths=None):
+    def forward(self, x, time, context=None, context_mask=None, **other_inputs):
+        mask = context_mask
         self.calls.append((x.shape[0], context[:, 0, 0].clone(), mask.clone()))
         return torch.ones_like(x) * context[:, 0, 0].reshape(-1, 1, 1, 1)
 
 
 def test_guidance_formula_and_cond_first_order():
     unet = _RecordingUNet()
-    cond = Conditioning(torch.ones(2, 3, 4), torch.ones(2, 3, dtype=torch.long),
-                        -torch.ones(2, 3, 4), torch.tensor([[1, 0, 0], [1, 0, 0]]))
+    cond = Conditioning(
+        torch.ones(2, 3, 4),
+        torch.ones(2, 3, dtype=torch.long),
+        -torch.ones(2, 3, 4),
+        torch.tensor([[1, 0, 0], [1, 0, 0]]),
+    )
     eps = Denoiser(unet, cond, guidance_weight=3.0)(torch.zeros(2, 4, 2, 2), 500)
     batch, first_values, mask = unet.calls[0]
     assert batch == 4

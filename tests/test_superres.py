@@ -28,8 +28,9 @@ def test_full_size_layout_on_meta():
         sd = SuperResUNet().state_dict()
     assert len(sd) == 496 and sum(t.numel() for t in sd.values()) == 413_205_251
     assert tuple(sd["init_conv.weight"].shape) == (128, 6, 3, 3)
-    assert tuple(sd["up_samples.1.resnet_attn_blocks.7.0.in_block.change_resolution.change_resolution.weight"].shape) \
-        == (512, 512, 4, 4)
+    assert tuple(
+        sd["up_samples.1.resnet_attn_blocks.7.0.in_block.change_resolution.change_resolution.weight"].shape
+    ) == (512, 512, 4, 4)
     assert not any(re.search(r"resnet_attn_blocks\.\d+\.1\.", k) for k in sd)  # the attention slot is empty
     assert infer_config(sd) == SuperResUNetConfig()
 
@@ -48,16 +49,48 @@ def test_edge_ramp_golden_values():
     assert edge_ramp(4, False, False, 3).tolist() == [1, 1, 1, 1]
 
 
+def _view_weight_1d(length: int, fade_start: bool, fade_end: bool, ramp: int) -> np.ndarray:
+    """1 inside; over ``ramp`` px at an edge inside the image: 1/(ramp+1), 2/(ramp+1), … (written out per pixel)."""
+    w = np.ones(length)
+    for i in range(length):
+        if fade_start and i < ramp:
+            w[i] = min(w[i], (i + 1) / (ramp + 1))
+        if fade_end and length - 1 - i < ramp:
+            w[i] = min(w[i], (length - i) / (ramp + 1))
+    return w
+
+
 @pytest.mark.parametrize("blend", ["uniform", "ramp"])
 def test_view_averager_is_a_weighted_mean(blend):
-    """Every view returning the same constant gives that constant everywhere; edges on the image border keep full
-    weight, inner edges fade (ramp) or not (uniform)."""
-    like = torch.zeros(1, 3, 40, 56)
-    views = get_views(40, 56, 24, 16)
-    average = ViewAverager(like, blend, ramp=8)
+    """Views 24 px every 12 px over 40×56 (overlaps of 12 and 16 px, wider than the 8-px ramp, so the weights do
+    not sum to 1 anywhere by accident): the result is Σ wᵥ·resultᵥ / Σ wᵥ per pixel, each view returning its own
+    spatially varying values; edges on the image border keep full weight, inner edges fade (ramp) or not."""
+    height, width, ramp = 40, 56, 8
+    like = torch.zeros(1, 3, height, width)
+    views = get_views(height, width, 24, 12)
+    assert len(views) == 12
+    average = ViewAverager(like, blend, ramp=ramp)
+    g = torch.Generator().manual_seed(0)
+    total = np.zeros((1, 3, height, width))
+    weight_sum = np.zeros((height, width))
     for v in views:
-        average.add(v, torch.full((1, 3, v[1] - v[0], v[3] - v[2]), 0.7))
-    assert torch.allclose(average.result(), torch.full_like(like, 0.7))
+        top, bottom, left, right = v
+        result = torch.rand(1, 3, bottom - top, right - left, generator=g)
+        average.add(v, result)
+        r = ramp if blend == "ramp" else 0
+        w = np.outer(
+            _view_weight_1d(bottom - top, top > 0, bottom < height, r),
+            _view_weight_1d(right - left, left > 0, right < width, r),
+        )
+        total[..., top:bottom, left:right] += w * result.double().numpy()
+        weight_sum[top:bottom, left:right] += w
+    assert np.abs(weight_sum - 1).max() > 0.5  # dropping the division by Σw would show
+    assert torch.allclose(average.result().double(), torch.from_numpy(total / weight_sum), atol=1e-6)
+
+    constant = ViewAverager(like, blend, ramp=ramp)  # equal views average to themselves
+    for v in views:
+        constant.add(v, torch.full((1, 3, v[1] - v[0], v[3] - v[2]), 0.7))
+    assert torch.allclose(constant.result(), torch.full_like(like, 0.7))
     w = average.weights(views[0])  # top-left view: image border at top/left, inner edges at bottom/right
     assert w[0, 0] == 1 and w[0, 15] == 1
     assert w[-1, -1] == (1 / 9) ** 2 if blend == "ramp" else w[-1, -1] == 1
@@ -133,8 +166,10 @@ def test_no_seam_across_view_borders(nano_sr):
     y, x = np.mgrid[0:40, 0:48]
     grad = np.stack([x * 5, y * 6, 255 - x * 2 - y * 2], axis=-1).clip(0, 255).astype(np.uint8)
     window, stride = 64, 48
-    out = np.asarray(nano_sr.upscale(Image.fromarray(grad), scale=4, seed=0, window=window, stride=stride,
-                                     progress=False), dtype=float)
+    out = np.asarray(
+        nano_sr.upscale(Image.fromarray(grad), scale=4, seed=0, window=window, stride=stride, progress=False),
+        dtype=float,
+    )
     views = get_views(out.shape[0], out.shape[1], window, stride)
     cols = sorted({v[2] for v in views} | {v[3] for v in views} - {0, out.shape[1]})
     rows = sorted({v[0] for v in views} | {v[1] for v in views} - {0, out.shape[0]})

@@ -5,8 +5,18 @@ import random
 import numpy as np
 import pytest
 
-from kandinsky3.world import (BACKGROUNDS, COLORS, HELD_OUT_PAIRS, POSITIONS, caption_scene, judge, parse_caption,
-                              render, sample_scene, world_sample)
+from kandinsky3.world import (
+    BACKGROUNDS,
+    COLORS,
+    HELD_OUT_PAIRS,
+    POSITIONS,
+    caption_scene,
+    judge,
+    parse_caption,
+    render,
+    sample_scene,
+    world_sample,
+)
 from kandinsky3.world.scene import Scene, WorldObject
 
 
@@ -55,15 +65,18 @@ def test_captions_round_trip_through_the_parser():
         scene = sample_scene(rng)
         parsed = parse_caption(caption_scene(scene, rng, complete=True))
         assert parsed.background == scene.background
-        assert [(o.color, o.shape, o.size, o.position) for o in parsed.objects] == \
-            [(o.color, o.shape, o.size, o.position) for o in scene.objects]
+        assert [(o.color, o.shape, o.size, o.position) for o in parsed.objects] == [
+            (o.color, o.shape, o.size, o.position) for o in scene.objects
+        ]
 
 
 def test_the_issue_examples_parse():
     p = parse_caption("a small blue square at the bottom and a yellow star in the center, white background")
     assert p.background == "white"
     assert [(o.color, o.shape, o.size, o.position) for o in p.objects] == [
-        ("blue", "square", "small", "bottom"), ("yellow", "star", None, "center")]
+        ("blue", "square", "small", "bottom"),
+        ("yellow", "star", None, "center"),
+    ]
 
 
 def test_judge_accuracy_on_held_out_renders():
@@ -88,6 +101,27 @@ def test_judge_rejects_wrong_images():
     assert not judge(moved, s.caption).aligned
     blank = render(Scene(s.scene.background, ()), 64).image
     assert not judge(blank, s.caption).aligned
+
+
+@pytest.mark.parametrize("offset, accepted", [(0, True), (55, True), (85, False)])
+def test_judge_rejects_a_near_miss_colour(offset, accepted):
+    """A large red square recoloured (220, 40, 40 + offset): red is still the nearest palette colour at every
+    offset (the next, purple, is over 110 away at 85), but the judge accepts a colour only within 70 of its palette
+    entry, so a shape 85 away is no red square. Every nano target is measured with this judge."""
+    scene = Scene("gray", (WorldObject("red", "square", "large", "center"),))
+    r = render(scene, 64)
+    colour = np.array([220, 40, 40 + offset], dtype=np.float32)
+    palette = np.array(list(BACKGROUNDS.values()), dtype=np.float32)
+    distances = np.linalg.norm(palette - colour, axis=1)
+    assert list(BACKGROUNDS)[distances.argmin()] == "red" and abs(distances.min() - offset) < 1e-3
+    m = r.masks[0][..., None]
+    pixels = m * colour + (1 - m) * np.array(BACKGROUNDS["gray"], dtype=np.float32)
+    from PIL import Image
+
+    image = Image.fromarray(pixels.round().astype(np.uint8))
+    verdict = judge(image, "a large red square in the center, gray background")
+    assert verdict.background is True
+    assert verdict.aligned is accepted and verdict.objects[0].color is accepted
 
 
 def test_reconstruction_alignment_measures_the_autoencoder_ceiling():
@@ -123,8 +157,9 @@ def test_alignment_report_names_the_wrong_attribute():
 
     from kandinsky3.eval.alignment import AlignmentReport
 
-    scene = Scene("gray", (WorldObject("red", "circle", "large", "top left"),
-                           WorldObject("blue", "square", "large", "right")))
+    scene = Scene(
+        "gray", (WorldObject("red", "circle", "large", "top left"), WorldObject("blue", "square", "large", "right"))
+    )
     caption = "a large red circle in the top left and a large blue square on the right, gray background"
     image = render(scene, 64).image
     report = AlignmentReport(guidance=3.0, steps=50)
@@ -145,8 +180,12 @@ def test_paired_comparison_counts_discordant_captions():
         return Verdict([ObjectVerdict(None, True, ok, True, True)], True)
 
     a, b = AlignmentReport(1.0, 50), AlignmentReport(0.0, 50)
-    for group, x, y in [("2 objects", True, False)] * 10 + [("3 objects", True, True)] * 5 \
-            + [("held-out pairs", False, False)] * 3 + [("1 object", False, True)] * 4:
+    for group, x, y in (
+        [("2 objects", True, False)] * 10
+        + [("3 objects", True, True)] * 5
+        + [("held-out pairs", False, False)] * 3
+        + [("1 object", False, True)] * 4
+    ):
         a.add(group, verdict(x))
         b.add(group, verdict(y))
     assert paired_comparison(a, b) == (10, 0, 2 / 1024)

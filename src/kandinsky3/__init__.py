@@ -5,12 +5,25 @@ from .images import read_metadata, save_image
 from .models import MoVQ, MoVQConfig, UNet, UNetConfig
 from .pipeline import Kandinsky3
 from .registry import VARIANTS
-from .settings import GenerationSettings
+from .requests import GenerationSettings, ImageToImage, Inpaint, Outpaint, TextToImage
 from .superres import SuperRes
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "GenerationSettings", "Kandinsky3", "MoVQ", "MoVQConfig", "UNet", "UNetConfig", "VARIANTS",
-    "SuperRes", "read_metadata", "save_image",
+    "CheckpointError",
+    "GenerationSettings",
+    "ImageToImage",
+    "Inpaint",
+    "Kandinsky3",
+    "MoVQ",
+    "MoVQConfig",
+    "Outpaint",
+    "SuperRes",
+    "TextToImage",
+    "UNet",
+    "UNetConfig",
+    "VARIANTS",
+    "read_metadata",
+    "save_image",
 ]

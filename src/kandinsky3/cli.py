@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import typing
 from pathlib import Path
+
+from .requests import REQUESTS
 
 EXAMPLES = {
     "generate": """examples:
@@ -28,9 +32,11 @@ EXAMPLES = {
   kandinsky3 convert ./Kandinsky3.1 ./k3-flash --to native --variant flash     # safetensors""",
     "train": """examples:
   kandinsky3 train movq --config configs/nano/movq.yaml
-  kandinsky3 train diffusion --config configs/nano/diffusion.yaml
+  kandinsky3 train superres --config configs/nano/superres.yaml --output-dir runs/my-sr   # exports to runs/my-sr/export
+  kandinsky3 train toy_gan --config configs/toy_gan.yaml                                  # two optimizers, seconds
   accelerate launch --num_processes 8 -m kandinsky3.cli train diffusion --config my.yaml   # 8 GPUs, DDP
-  (an interrupted run resumes from OUTPUT_DIR/checkpoint when started again)""",
+  (an interrupted run resumes from the newest complete checkpoint in OUTPUT_DIR/checkpoints when started again;
+   exports go to OUTPUT_DIR/export unless --export-dir names another folder)""",
     "eval": """examples:
   kandinsky3 eval alignment --model nano --num 500     # judge-read alignment at the default guidance and at 0
   kandinsky3 eval movq --model nano --num 500          # MoVQ reconstruction PSNR on held-out renders
@@ -57,90 +63,137 @@ def _add_model_args(p: argparse.ArgumentParser):
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, … (default: cuda if available)")
     g.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="weights dtype for all parts")
     g.add_argument("--text-encoder-dtype", default=None, choices=["fp32", "fp16", "bf16"])
-    g.add_argument("--text-encoder-quantization", default=None, choices=["8bit", "4bit"],
-                   help="load the T5 encoder with bitsandbytes (CUDA)")
-    g.add_argument("--offload", action="store_true", help="keep weights on the CPU, move each part to the device in turn")
+    g.add_argument(
+        "--text-encoder-quantization",
+        default=None,
+        choices=["8bit", "4bit"],
+        help="load the T5 encoder with bitsandbytes (CUDA)",
+    )
+    g.add_argument(
+        "--offload", action="store_true", help="keep weights on the CPU, move each part to the device in turn"
+    )
     g.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
+    g.add_argument(
+        "--movq-tiling",
+        action="store_true",
+        help="encode/decode sides over 1024 px in overlapping tiles (KandiSuperRes style): less memory, "
+        "slightly different pixels; off as in the official pipelines",
+    )
 
 
-def _add_sampling_args(p: argparse.ArgumentParser, size: bool = True):
-    g = p.add_argument_group("sampling")
-    g.add_argument("--negative", default=None, help="negative prompt")
-    g.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, 50 or 4 for Flash)")
-    g.add_argument("--guidance", type=float, default=None,
-                   help="guidance weight w, ε = (w+1)·cond − w·uncond (default: the model's, 3.0)")
-    g.add_argument("--sampler", default=None, choices=["k3", "flash", "ddpm", "ddim", "dpm++", "euler"],
-                   help="k3 = the official sampler (default), flash, or a diffusers scheduler")
-    if size:
-        g.add_argument("--width", type=int, default=None, help="pixels, a multiple of 64 (default: the model's size)")
-        g.add_argument("--height", type=int, default=None, help="pixels, a multiple of 64")
-    g.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    g.add_argument("--seed", type=int, default=None, help="random seed (default: random, stored in the PNG)")
+def _option_type(hint):
+    """argparse ``type`` for a request field's annotation: the first of int / float / str it admits."""
+    args = typing.get_args(hint) or (hint,)
+    for t in (bool, int, float, str):
+        if t in args or any(typing.get_origin(a) is list and typing.get_args(a) == (t,) for a in args):
+            return t
+    return str  # images, masks, beautifier backends: given as text (a path, a name)
+
+
+def _add_request_args(p: argparse.ArgumentParser, request_cls):
+    """One argument per field of the request (its name, type, default and help): the CLI is derived, not written."""
+    hints = typing.get_type_hints(request_cls)
+    g = p.add_argument_group("request", f"the fields of kandinsky3.{request_cls.__name__}")
+    for f in request_cls.task_fields():
+        cli = dict(f.metadata.get("cli", {}))
+        positional = cli.pop("positional", False)
+        kind = _option_type(hints[f.name])
+        default = None if f.default is dataclasses.MISSING else f.default
+        help_text = f.metadata.get("help", "")
+        if positional:
+            g.add_argument(f.name, default=default, help=help_text, **cli)
+            continue
+        names = [f"--{f.name.replace('_', '-')}"] + (["--negative"] if f.name == "negative_prompt" else [])
+        if kind is bool:
+            g.add_argument(*names, dest=f.name, action="store_true", default=default, help=help_text)
+        else:
+            g.add_argument(*names, dest=f.name, type=kind, default=default, help=help_text, **cli)
+
+
+def _add_output_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("output")
     g.add_argument("--out", default="kandinsky3.png", help="output PNG; with several images, -0, -1, … are appended")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+def request_from_args(request_cls, args):
+    """The request a parsed command line describes (a single ``--seed`` stays one batch seed)."""
+    values = {f.name: getattr(args, f.name) for f in request_cls.task_fields()}
+    if isinstance(values.get("seed"), list) and len(values["seed"]) == 1:
+        values["seed"] = values["seed"][0]
+    return request_cls(**values)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kandinsky3", description="Kandinsky 3.1 image generation.",
-                                     formatter_class=_formatter, epilog=EXAMPLES["generate"])
+    parser = argparse.ArgumentParser(
+        prog="kandinsky3",
+        description="Kandinsky 3.1 image generation.",
+        formatter_class=_formatter,
+        epilog=EXAMPLES["generate"],
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("generate", help="text → image", formatter_class=_formatter, epilog=EXAMPLES["generate"])
-    p.add_argument("prompt", nargs="?", default="", help="the prompt (empty: unconditional)")
-    p.add_argument("--upscale", type=int, default=None, choices=[2, 4], help="chain the nano upscaler (2× or 4×)")
-    p.add_argument("--beautify", nargs="?", const="local", default=None, metavar="BACKEND",
-                   help="expand the prompt first: local (an LLM, the default when no backend is named), template, "
-                        "or 'server URL' (an OpenAI-compatible endpoint)")
-    _add_model_args(p)
-    _add_sampling_args(p)
+    helps = {
+        "generate": "text → image",
+        "edit": "image → image",
+        "inpaint": "repaint the white part of a mask",
+        "outpaint": "extend the canvas and paint the new border",
+    }
+    for request_cls in REQUESTS:
+        name = request_cls.command
+        p = sub.add_parser(
+            name, help=helps[name], formatter_class=_formatter, epilog=EXAMPLES[name], description=request_cls.__doc__
+        )
+        _add_request_args(p, request_cls)
+        _add_model_args(p)
+        _add_output_args(p)
 
-    p = sub.add_parser("edit", help="image → image", formatter_class=_formatter, epilog=EXAMPLES["edit"])
-    p.add_argument("image")
-    p.add_argument("prompt", nargs="?", default="")
-    p.add_argument("--strength", type=float, default=0.3, help="how much to change: 0 < s ≤ 1 (default 0.3)")
-    _add_model_args(p)
-    _add_sampling_args(p)
-
-    p = sub.add_parser("inpaint", help="repaint the white part of a mask", formatter_class=_formatter,
-                       epilog=EXAMPLES["inpaint"])
-    p.add_argument("image")
-    p.add_argument("mask")
-    p.add_argument("prompt", nargs="?", default="")
-    p.add_argument("--dilate", action="store_true", help="grow the mask by ≈6 px like the official prepare_mask")
-    p.add_argument("--paste-back", action="store_true", help="keep the original pixels outside the mask")
-    _add_model_args(p)
-    _add_sampling_args(p)
-
-    p = sub.add_parser("outpaint", help="extend the canvas and paint the new border", formatter_class=_formatter,
-                       epilog=EXAMPLES["outpaint"])
-    p.add_argument("image")
-    p.add_argument("prompt", nargs="?", default="")
-    for side in ("left", "right", "top", "bottom"):
-        p.add_argument(f"--{side}", type=int, default=0, help=f"pixels to add on the {side}")
-    _add_model_args(p)
-    _add_sampling_args(p, size=False)
-
-    p = sub.add_parser("convert", help="convert between official .pt, diffusers and safetensors layouts",
-                       formatter_class=_formatter, epilog=EXAMPLES["convert"])
+    p = sub.add_parser(
+        "convert",
+        help="convert between official .pt, diffusers and safetensors layouts",
+        formatter_class=_formatter,
+        epilog=EXAMPLES["convert"],
+    )
     p.add_argument("src", help="model folder (official, diffusers or native layout)")
     p.add_argument("dst", help="output folder")
     p.add_argument("--to", required=True, choices=["official", "diffusers", "native"])
     p.add_argument("--variant", default=None, help="for official folders: base (default), flash or inpainting")
 
-    p = sub.add_parser("train", help="train a MoVQ, a diffusion U-Net or an upscaler from a YAML config",
-                       formatter_class=_formatter, epilog=EXAMPLES["train"])
-    p.add_argument("recipe", choices=["movq", "diffusion", "superres"])
+    from .training.recipes import RECIPES
+
+    p = sub.add_parser(
+        "train",
+        help="train a model from a YAML config with a recipe (" + ", ".join(sorted(RECIPES)) + ")",
+        formatter_class=_formatter,
+        epilog=EXAMPLES["train"],
+    )
+    p.add_argument("recipe", choices=sorted(RECIPES), help="the recipe: " + ", ".join(sorted(RECIPES)))
     p.add_argument("--config", required=True, help="YAML training config (see configs/ and docs/training.md)")
     p.add_argument("--output-dir", default=None, help="override output_dir")
+    p.add_argument(
+        "--export-dir",
+        default=None,
+        help="write the exported model here instead of OUTPUT_DIR/export (the nano rebuild names the "
+        "package's weights folder this way)",
+    )
     p.add_argument("--steps", type=int, default=None, help="override the total number of steps")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in this invocation")
-    p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
-                   help="end within this wall time: the run measures its speed and shortens --steps (the "
-                        "learning-rate schedule follows), then exports as usual")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="MINUTES",
+        help="end within this wall time: the run measures its speed and shortens --steps (the "
+        "learning-rate schedule follows), then exports as usual",
+    )
     p.add_argument("--mixed-precision", default=None, choices=["no", "bf16", "fp16"])
 
-    p = sub.add_parser("eval", help="measure a model: text alignment (shapes world) or MoVQ reconstruction",
-                       formatter_class=_formatter, epilog=EXAMPLES["eval"])
+    p = sub.add_parser(
+        "eval",
+        help="measure a model: text alignment (shapes world) or MoVQ reconstruction",
+        formatter_class=_formatter,
+        epilog=EXAMPLES["eval"],
+    )
     p.add_argument("what", choices=["alignment", "movq", "superres"])
     p.add_argument("--hr-dir", default=None, help="superres: a folder of high-res images (LR = bicubic downscale)")
     p.add_argument("--world", type=int, default=None, help="superres: N held-out shapes-world scenes instead")
@@ -154,8 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
 
-    p = sub.add_parser("upscale", help="super-resolution (KandiSuperRes) of an image", formatter_class=_formatter,
-                       epilog=EXAMPLES["upscale"])
+    p = sub.add_parser(
+        "upscale",
+        help="super-resolution (KandiSuperRes) of an image",
+        formatter_class=_formatter,
+        epilog=EXAMPLES["upscale"],
+    )
     p.add_argument("image")
     p.add_argument("--scale", type=int, default=None, help="2 or 4 (default: the model's)")
     p.add_argument("--model", default=None, help="nano (default), x4, x2, flash-x2, tiny or a folder")
@@ -164,16 +221,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=None, help="view size in output pixels (0: the whole image)")
     p.add_argument("--stride", type=int, default=None, help="view stride in output pixels (default 800 for 1024)")
     p.add_argument("--view-batch-size", type=int, default=None, help="views per U-Net batch (default 15)")
-    p.add_argument("--blend", default=None, choices=["ramp", "uniform"],
-                   help="how overlapping views merge: ramp (default; fades view edges, no seams) or uniform "
-                        "(the official plain average)")
+    p.add_argument(
+        "--blend",
+        default=None,
+        choices=["ramp", "uniform"],
+        help="how overlapping views merge: ramp (default; fades view edges, no seams) or uniform "
+        "(the official plain average)",
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
     p.add_argument("--out", default="upscaled.png")
     p.add_argument("--no-progress", action="store_true")
 
-    p = sub.add_parser("info", help="what a model folder holds, with parameter counts", formatter_class=_formatter,
-                       epilog=EXAMPLES["info"])
+    p = sub.add_parser(
+        "info",
+        help="what a model folder holds, with parameter counts",
+        formatter_class=_formatter,
+        epilog=EXAMPLES["info"],
+    )
     p.add_argument("model", nargs="?", default=None)
     p.add_argument("--variant", default=None)
     return parser
@@ -183,17 +248,16 @@ def _pipeline(args):
     from .pipeline import Kandinsky3
 
     return Kandinsky3.from_pretrained(
-        args.model, device=args.device, dtype=args.dtype, text_encoder_dtype=args.text_encoder_dtype,
-        text_encoder_quantization=args.text_encoder_quantization, offload=args.offload, compile=args.compile,
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        text_encoder_dtype=args.text_encoder_dtype,
+        text_encoder_quantization=args.text_encoder_quantization,
+        offload=args.offload,
+        compile=args.compile,
         variant=args.variant,
+        movq_tiling=args.movq_tiling,
     )
-
-
-def _sampling(args, size: bool = True) -> dict:
-    s = dict(steps=args.steps, guidance=args.guidance, sampler=args.sampler, num_images=args.num_images, seed=args.seed)
-    if size:
-        s.update(width=args.width, height=args.height)
-    return s
 
 
 def _save_all(images, out: str):
@@ -223,7 +287,10 @@ def _info(args):
     print(f"folder:      {root}  ({layouts.detect_layout(root)} layout)")
     print(f"variant:     {raw.variant.name} — {raw.variant.description}")
     print(f"sampler:     {raw.variant.sampler.to_dict()}  default size {raw.variant.size}px")
-    print(f"U-Net:       {len(raw.unet)} tensors, {count(raw.unet):,} parameters, {raw.variant.unet.num_channels} input channels")
+    print(
+        f"U-Net:       {len(raw.unet)} tensors, {count(raw.unet):,} parameters, "
+        f"{raw.variant.unet.num_channels} input channels"
+    )
     print(f"projection:  {count(raw.projection):,} parameters  ({tuple(raw.projection['0.weight'].shape)})")
     print(f"MoVQ:        {len(raw.movq)} tensors, {count(raw.movq):,} parameters")
     print(f"null emb.:   {'yes' if raw.null_embedding is not None else 'no (diffusers unconditional branch)'}")
@@ -231,7 +298,10 @@ def _info(args):
         from transformers import AutoConfig
 
         cfg = AutoConfig.from_pretrained(raw.text_encoder_dir)
-        print(f"text enc.:   T5 d_model {cfg.d_model}, {cfg.num_layers} layers, vocab {cfg.vocab_size}  ({raw.text_encoder_dir})")
+        print(
+            f"text enc.:   T5 d_model {cfg.d_model}, {cfg.num_layers} layers, vocab {cfg.vocab_size}  "
+            f"({raw.text_encoder_dir})"
+        )
 
 
 def _eval(args):
@@ -254,8 +324,9 @@ def _eval(args):
         from .eval.metrics import movq_psnr
         from .world.dataset import to_tensor, world_sample
 
-        images = __import__("torch").stack([to_tensor(world_sample(i, "test", pipe.variant.size).image)
-                                            for i in range(args.num)])
+        images = __import__("torch").stack(
+            [to_tensor(world_sample(i, "test", pipe.variant.size).image) for i in range(args.num)]
+        )
         results["movq_psnr_db"] = movq_psnr(pipe.movq, images)
         print(f"MoVQ reconstruction PSNR on {args.num} held-out renders: {results['movq_psnr_db']:.2f} dB")
         from .eval.alignment import reconstruction_alignment
@@ -263,21 +334,26 @@ def _eval(args):
         for sigma in (0.0, 0.05):
             report = reconstruction_alignment(pipe.movq, args.num, latent_noise=sigma)
             results[f"roundtrip_alignment_noise_{sigma}"] = report.to_dict()["rates"]
-            print(f"judge on round trips (latent noise σ={sigma}): "
-                  + ", ".join(f"{g} {report.rate(g):.1%}" for g in sorted(report.counts)))
+            print(
+                f"judge on round trips (latent noise σ={sigma}): "
+                + ", ".join(f"{g} {report.rate(g):.1%}" for g in sorted(report.counts))
+            )
     else:
         from .eval.alignment import MULTI_OBJECT, evaluate_alignment, paired_comparison
 
         runs = [args.guidance] + ([] if args.no_baseline else [0.0])
-        reports = [evaluate_alignment(pipe, args.num, guidance, args.steps, held_out=args.held_out)
-                   for guidance in runs]
+        reports = [
+            evaluate_alignment(pipe, args.num, guidance, args.steps, held_out=args.held_out) for guidance in runs
+        ]
         for report in reports:
             print(report.table() + "\n")
             results[f"guidance_{report.guidance}"] = report.to_dict()
         if len(reports) == 2:
             only_guided, only_unguided, p = paired_comparison(*reports)
-            print(f"guidance {reports[0].guidance} vs 0 on the same {', '.join(MULTI_OBJECT)} captions and seeds: "
-                  f"{only_guided} right only with guidance, {only_unguided} only without (exact McNemar p = {p:.2g})")
+            print(
+                f"guidance {reports[0].guidance} vs 0 on the same {', '.join(MULTI_OBJECT)} captions and seeds: "
+                f"{only_guided} right only with guidance, {only_unguided} only without (exact McNemar p = {p:.2g})"
+            )
             results["paired_multi_object"] = {"only_guided": only_guided, "only_unguided": only_unguided, "p": p}
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
@@ -298,38 +374,39 @@ def main(argv: list[str] | None = None) -> int:
             from .superres import SuperRes
 
             sr = SuperRes.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-            image = sr.upscale(args.image, args.scale, args.steps, args.seed, window=args.window, stride=args.stride,
-                               view_batch_size=args.view_batch_size, blend=args.blend,
-                               progress=not args.no_progress)
+            image = sr.upscale(
+                args.image,
+                args.scale,
+                args.steps,
+                args.seed,
+                window=args.window,
+                stride=args.stride,
+                view_batch_size=args.view_batch_size,
+                blend=args.blend,
+                progress=not args.no_progress,
+            )
             _save_all([image], args.out)
         elif args.command == "eval":
             _eval(args)
         elif args.command == "train":
             from .training import TrainConfig, train
 
-            cfg = TrainConfig.from_yaml(args.config, output_dir=args.output_dir, steps=args.steps,
-                                        mixed_precision=args.mixed_precision,
-                                        time_budget_minutes=args.time_budget)
+            cfg = TrainConfig.from_yaml(
+                args.config,
+                output_dir=args.output_dir,
+                export_dir=args.export_dir,
+                steps=args.steps,
+                mixed_precision=args.mixed_precision,
+                time_budget_minutes=args.time_budget,
+            )
             if cfg.recipe != args.recipe:
                 raise ValueError(f"{args.config} is a {cfg.recipe!r} config, not {args.recipe!r}")
             summary = train(cfg, max_steps=args.max_steps)
             print(json.dumps(summary))
         else:
-            pipe = _pipeline(args)
-            progress = not args.no_progress
-            if args.command == "generate":
-                images = pipe.generate(args.prompt, args.negative, progress=progress, beautify=args.beautify,
-                                       upscale=args.upscale, **_sampling(args))
-            elif args.command == "edit":
-                images = pipe.edit(args.image, args.prompt, args.strength, args.negative, progress=progress,
-                                   **_sampling(args))
-            elif args.command == "inpaint":
-                images = pipe.inpaint(args.image, args.mask, args.prompt, args.negative, dilate=args.dilate,
-                                      paste_back=args.paste_back, progress=progress, **_sampling(args))
-            else:
-                images = pipe.outpaint(args.image, args.prompt, left=args.left, right=args.right, top=args.top,
-                                       bottom=args.bottom, negative_prompt=args.negative, progress=progress,
-                                       **_sampling(args, size=False))
+            request_cls = next(r for r in REQUESTS if r.command == args.command)
+            request = request_from_args(request_cls, args)  # validated before the model loads
+            images = _pipeline(args).run(request, progress=not args.no_progress)
             _save_all(images, args.out)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
         print(f"kandinsky3 {args.command}: error: {exc}", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +43,19 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1)[None].contiguous()
 
 
-def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in [-1, 1] → PIL images (clipped the official way: clip((x+1)/2, 0, 1))."""
-    arr = ((images.float().clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8)
+PIXEL_ROUNDING = ("truncate", "round")
+
+
+def tensor_to_pil(images: torch.Tensor, rounding: str = "truncate") -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] → PIL images via clip((x+1)/2, 0, 1)·255.
+
+    ``truncate`` (default) is the official K3 conversion (torchvision ``ToPILImage`` on a float tensor:
+    ``mul(255).byte()``), so PNGs match the official code bit for bit; ``round`` rounds to the nearest level
+    (diffusers' ``numpy_to_pil``), on average ½ level brighter."""
+    if rounding not in PIXEL_ROUNDING:
+        raise ValueError(f"pixel rounding must be one of {PIXEL_ROUNDING}, got {rounding!r}")
+    scaled = ((images.float() + 1) / 2).clamp(0, 1) * 255
+    arr = (scaled.round() if rounding == "round" else scaled).to(torch.uint8)
     return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in arr]
 
 
@@ -52,13 +63,17 @@ def check_size(width: int, height: int, multiple: int):
     for name, value in (("width", width), ("height", height)):
         if value <= 0 or value % multiple:
             lower = max(multiple, value // multiple * multiple)
-            raise ValueError(f"{name} {value} is not a positive multiple of {multiple}; use {lower} or {lower + multiple}")
+            raise ValueError(
+                f"{name} {value} is not a positive multiple of {multiple}; use {lower} or {lower + multiple}"
+            )
 
 
 def fit_for_diffusion(width: int, height: int, max_side_pixels: int, multiple: int) -> tuple[int, int]:
     """The official ``resize_image_for_diffusion``: shrink to ≈ max_side² pixels, floor each side to ``multiple``."""
     rf = max(1.0, math.sqrt(width * height / max_side_pixels**2))
-    return max(multiple, (round(width / rf) // multiple) * multiple), max(multiple, (round(height / rf) // multiple) * multiple)
+    return max(multiple, (round(width / rf) // multiple) * multiple), max(
+        multiple, (round(height / rf) // multiple) * multiple
+    )
 
 
 def as_mask(mask, size: tuple[int, int]) -> np.ndarray:
@@ -74,15 +89,21 @@ def as_mask(mask, size: tuple[int, int]) -> np.ndarray:
     if mask.ndim != 2:
         raise ValueError(f"the mask must be one channel (H, W), got shape {mask.shape}")
     if (mask.shape[1], mask.shape[0]) != tuple(size):
-        raise ValueError(f"mask size {mask.shape[1]}x{mask.shape[0]} does not match the image size {size[0]}x{size[1]}; "
-                         "give a mask of the image's exact width and height")
+        raise ValueError(
+            f"mask size {mask.shape[1]}x{mask.shape[0]} does not match the image size {size[0]}x{size[1]}; "
+            "give a mask of the image's exact width and height"
+        )
     if mask.max() > 1.0:
         mask = mask / 255.0
     return mask
 
 
-_DILATION_KERNEL = torch.tensor([[1, 1, 1, 1, 1], [1, 5, 5, 5, 1], [1, 5, 44, 5, 1], [1, 5, 5, 5, 1], [1, 1, 1, 1, 1]],
-                                dtype=torch.float32) / 100
+_DILATION_KERNEL = (
+    torch.tensor(
+        [[1, 1, 1, 1, 1], [1, 5, 5, 5, 1], [1, 5, 44, 5, 1], [1, 5, 5, 5, 1], [1, 1, 1, 1, 1]], dtype=torch.float32
+    )
+    / 100
+)
 
 
 def dilate_mask(mask: np.ndarray, passes: int = 3) -> np.ndarray:
@@ -106,12 +127,22 @@ def read_metadata(image: Image.Image | str | os.PathLike) -> dict:
 
 
 def save_image(image: Image.Image, path: str | os.PathLike):
-    """Save as PNG with the generation settings (prompt, seed, …) in a text chunk."""
+    """Save as PNG with the generation settings (prompt, seed, …) in a text chunk.
+
+    Written to a temporary file of its own in the same folder, flushed, then renamed over ``path``: a reader (or a
+    concurrent writer of the same path) sees either a complete old file or a complete new one, never a mix."""
     info = PngImagePlugin.PngInfo()
     if METADATA_KEY in image.info:
         info.add_text(METADATA_KEY, image.info[METADATA_KEY])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
-    image.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

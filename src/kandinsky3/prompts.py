@@ -23,8 +23,10 @@ TEMPLATE = (
     "### System:\nYou are a prompt engineer. Your mission is to expand prompts written by user. You should provide "
     "the best prompt for text to image generation in English. \n### User:\n{prompt}\n### Assistant:\n"
 )
-SYSTEM_PROMPT = ("You are a prompt engineer. Your mission is to expand prompts written by user. You should provide "
-                 "the best prompt for text to image generation in English. ")
+SYSTEM_PROMPT = (
+    "You are a prompt engineer. Your mission is to expand prompts written by user. You should provide "
+    "the best prompt for text to image generation in English. "
+)
 DEFAULT_LOCAL_MODEL = "Intel/neural-chat-7b-v3-1"
 API_KEY_VARIABLES = ("KANDINSKY3_BEAUTIFY_API_KEY", "OPENAI_API_KEY")
 
@@ -50,7 +52,7 @@ def clean_text(text: str) -> str:
     text = text.split("###")[0]
     text = _LABEL.sub("", text.strip())
     text = " ".join(line.strip() for line in text.splitlines() if line.strip())
-    text = text.strip().strip('"“”\'`').strip()
+    text = text.strip().strip("\"“”'`").strip()
     return re.sub(r"\s+", " ", _LABEL.sub("", text))
 
 
@@ -96,8 +98,9 @@ class Beautifier:
             result = Beautified(text, prompt, text != prompt, truncated)
         except Exception as exc:  # any failure: fall back, warn once, never fail the generation
             reason = f"{type(exc).__name__}: {exc}"
-            warnings.warn(f"prompt beautification ({self.name}) failed, using the original prompt ({reason})",
-                          stacklevel=2)
+            warnings.warn(
+                f"prompt beautification ({self.name}) failed, using the original prompt ({reason})", stacklevel=2
+            )
             return Beautified(prompt, prompt, False, reason=reason)  # failures are not cached: try again next time
         self._cache[key] = result
         if len(self._cache) > self._cache_size:
@@ -110,9 +113,22 @@ class LocalLLM(Beautifier):
 
     name = "local"
 
-    def __init__(self, model_id: str = DEFAULT_LOCAL_MODEL, *, model=None, tokenizer=None, device: str | None = None,
-                 dtype=None, load_in_8bit: bool = False, max_new_tokens: int = 96, do_sample: bool = False,
-                 temperature: float = 0.7, top_p: float = 0.9, seed: int | None = 0, cache_size: int = 256):
+    def __init__(
+        self,
+        model_id: str = DEFAULT_LOCAL_MODEL,
+        *,
+        model=None,
+        tokenizer=None,
+        device: str | None = None,
+        dtype=None,
+        load_in_8bit: bool = False,
+        max_new_tokens: int = 96,
+        do_sample: bool = False,
+        temperature: float = 0.7,
+        top_p: float = 0.9,
+        seed: int | None = 0,
+        cache_size: int = 256,
+    ):
         super().__init__(cache_size)
         self.model_id, self._model, self._tokenizer = model_id, model, tokenizer
         self.device, self.dtype, self.load_in_8bit = device, dtype, load_in_8bit
@@ -150,9 +166,13 @@ class LocalLLM(Beautifier):
             torch.manual_seed(self.seed)
         stop = tokenizer.convert_tokens_to_ids("###") if "###" in tokenizer.get_vocab() else None
         with torch.no_grad():
-            out = model.generate(**inputs, **self.generation, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-                                 eos_token_id=[t for t in (tokenizer.eos_token_id, stop) if t is not None] or None)
-        return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            out = model.generate(
+                **inputs,
+                **self.generation,
+                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                eos_token_id=[t for t in (tokenizer.eos_token_id, stop) if t is not None] or None,
+            )
+        return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 class ServerLLM(Beautifier):
@@ -161,9 +181,20 @@ class ServerLLM(Beautifier):
 
     name = "server"
 
-    def __init__(self, base_url: str, model: str = DEFAULT_LOCAL_MODEL, *, endpoint: str = "chat",
-                 timeout: float = 30.0, retries: int = 2, backoff: float = 0.5, max_tokens: int = 96,
-                 temperature: float = 0.0, api_key: str | None = None, cache_size: int = 256):
+    def __init__(
+        self,
+        base_url: str,
+        model: str = DEFAULT_LOCAL_MODEL,
+        *,
+        endpoint: str = "chat",
+        timeout: float = 30.0,
+        retries: int = 2,
+        backoff: float = 0.5,
+        max_tokens: int = 96,
+        temperature: float = 0.0,
+        api_key: str | None = None,
+        cache_size: int = 256,
+    ):
         super().__init__(cache_size)
         if endpoint not in ("chat", "completions"):
             raise ValueError("endpoint must be 'chat' or 'completions'")
@@ -223,8 +254,13 @@ class TemplateBeautifier(Beautifier):
         used_positions = {o.position for o in parsed.objects if o.position}
         phrases = []
         for o in parsed.objects:
-            color = o.color or rng.choice([c for c in COLORS if c not in used_colors and c != parsed.background
-                                           and (c, o.shape) not in HELD_OUT_PAIRS])
+            color = o.color or rng.choice(
+                [
+                    c
+                    for c in COLORS
+                    if c not in used_colors and c != parsed.background and (c, o.shape) not in HELD_OUT_PAIRS
+                ]
+            )
             used_colors.add(color)
             position = o.position or rng.choice([p for p in POSITIONS if p not in used_positions])
             used_positions.add(position)
@@ -251,5 +287,6 @@ def make_beautifier(spec) -> Beautifier | None:
         url = spec.split(maxsplit=1)[1] if spec.startswith("server ") else spec
         if url.startswith(("http://", "https://")):
             return ServerLLM(url)
-    raise ValueError(f"beautify must be True, 'local', 'template', 'server URL', an http(s) URL or a Beautifier, "
-                     f"not {spec!r}")
+    raise ValueError(
+        f"beautify must be True, 'local', 'template', 'server URL', an http(s) URL or a Beautifier, not {spec!r}"
+    )

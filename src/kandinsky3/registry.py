@@ -24,8 +24,13 @@ class SamplerDefaults:
     eta: float = 1.0
 
     def to_dict(self) -> dict:
-        return dict(kind=self.kind, steps=self.steps, guidance=self.guidance,
-                    threshold_percentile=self.threshold_percentile, eta=self.eta)
+        return dict(
+            kind=self.kind,
+            steps=self.steps,
+            guidance=self.guidance,
+            threshold_percentile=self.threshold_percentile,
+            eta=self.eta,
+        )
 
 
 @dataclass(frozen=True)
@@ -56,56 +61,108 @@ VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in [
         Variant(
-            "base", "Kandinsky 3.1: 3B U-Net, FLAN-UL2 encoder, 50 steps with guidance",
-            _BASE_UNET, unet_file="weights/kandinsky3.pt",
+            "base",
+            "Kandinsky 3.1: 3B U-Net, FLAN-UL2 encoder, 50 steps with guidance",
+            _BASE_UNET,
+            unet_file="weights/kandinsky3.pt",
             projection_file="weights/flan_ul2_encoder/projection.pt",
         ),
         Variant(
-            "flash", "Kandinsky 3.1 Flash: the base U-Net distilled (ADD) to 4 steps, no guidance",
-            _BASE_UNET, sampler=SamplerDefaults(kind="flash", steps=4, guidance=0.0, threshold_percentile=None),
-            unet_file="weights/kandinsky3_flash.pt", projection_file="weights/flan_ul2_encoder/projection_flash.pt",
+            "flash",
+            "Kandinsky 3.1 Flash: the base U-Net distilled (ADD) to 4 steps, no guidance",
+            _BASE_UNET,
+            sampler=SamplerDefaults(kind="flash", steps=4, guidance=0.0, threshold_percentile=None),
+            unet_file="weights/kandinsky3_flash.pt",
+            projection_file="weights/flan_ul2_encoder/projection_flash.pt",
         ),
         Variant(
-            "inpainting", "Kandinsky 3.1 inpainting: 9-channel U-Net (latent, mask, masked-image latent)",
-            UNetConfig(num_channels=9), sampler=SamplerDefaults(guidance=4.0, threshold_percentile=0.95),
+            "inpainting",
+            "Kandinsky 3.1 inpainting: 9-channel U-Net (latent, mask, masked-image latent)",
+            UNetConfig(num_channels=9),
+            sampler=SamplerDefaults(guidance=4.0, threshold_percentile=0.95),
             unet_file="weights/kandinsky3_inpainting.pt",
             projection_file="weights/flan_ul2_encoder/projection_inpainting.pt",
         ),
         Variant(
-            "small", "Kandinsky 3 Small: ≈1B U-Net with FLAN-T5 XL (2048-d); weights were never published",
-            UNetConfig(model_channels=256, init_channels=128, time_embed_dim=1024, context_dim=2048,
-                       dim_mult=(1, 2, 4, 6)),
-            text_encoder="google/flan-t5-xl", hub_repo=None, movq_file=None, text_encoder_dir=None,
+            "small",
+            "Kandinsky 3 Small: ≈1B U-Net with FLAN-T5 XL (2048-d); weights were never published",
+            UNetConfig(
+                model_channels=256, init_channels=128, time_embed_dim=1024, context_dim=2048, dim_mult=(1, 2, 4, 6)
+            ),
+            text_encoder="google/flan-t5-xl",
+            hub_repo=None,
+            movq_file=None,
+            text_encoder_dir=None,
         ),
         Variant(
-            "nano", "nano: tiny K3 trained by this project on the procedural shapes world (64 px), the default",
-            UNetConfig(model_channels=64, init_channels=32, time_embed_dim=256, context_dim=128, groups=16,
-                       head_dim=32, dim_mult=(1, 2, 3), num_blocks=(2, 2, 2), add_cross_attention=(True, True, True),
-                       add_self_attention=(False, True, True)),  # cross-attention at 8×8 too (docs/nano.md)
-            movq=MoVQConfig(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(8,), resolution=64,
-                            tile_sample_min_size=64),
+            "nano",
+            "nano: tiny K3 trained by this project on the procedural shapes world (64 px), the default",
+            UNetConfig(
+                model_channels=64,
+                init_channels=32,
+                time_embed_dim=256,
+                context_dim=128,
+                groups=16,
+                head_dim=32,
+                dim_mult=(1, 2, 3),
+                num_blocks=(2, 2, 2),
+                add_cross_attention=(True, True, True),
+                add_self_attention=(False, True, True),
+            ),  # cross-attention at 8×8 too (docs/nano.md)
+            movq=MoVQConfig(
+                ch=32,
+                ch_mult=(1, 2, 2, 4),
+                num_res_blocks=1,
+                attn_resolutions=(8,),
+                resolution=64,
+                tile_sample_min_size=64,
+            ),
             sampler=SamplerDefaults(guidance=1.0),  # the best of a sweep for nano (docs/nano.md)
-            size=64, text_encoder="nano-t5", hub_repo=None, movq_file=None, text_encoder_dir=None, local_dir=NANO_DIR,
+            size=64,
+            text_encoder="nano-t5",
+            hub_repo=None,
+            movq_file=None,
+            text_encoder_dir=None,
+            local_dir=NANO_DIR,
         ),
         Variant(
-            "tiny", "random-weight test preset (every code path, no files, no meaning)",
-            UNetConfig(model_channels=64, init_channels=32, time_embed_dim=128, context_dim=64,
-                       dim_mult=(1, 2, 2, 4), num_blocks=(2, 2, 2, 2)),
+            "tiny",
+            "random-weight test preset (every code path, no files, no meaning)",
+            UNetConfig(
+                model_channels=64,
+                init_channels=32,
+                time_embed_dim=128,
+                context_dim=64,
+                dim_mult=(1, 2, 2, 4),
+                num_blocks=(2, 2, 2, 2),
+            ),
             movq=MoVQConfig(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, tile_sample_min_size=64),
-            size=64, text_encoder="tiny-t5", hub_repo=None, movq_file=None, text_encoder_dir=None,
+            size=64,
+            text_encoder="tiny-t5",
+            hub_repo=None,
+            movq_file=None,
+            text_encoder_dir=None,
         ),
     ]
 }
-ALIASES = {OFFICIAL_REPO.lower(): "base", "kandinsky3": "base", "kandinsky3.1": "base", "k3": "base",
-           "kandinsky3-flash": "flash", "kandinsky3-inpainting": "inpainting"}
+ALIASES = {
+    OFFICIAL_REPO.lower(): "base",
+    "kandinsky3": "base",
+    "kandinsky3.1": "base",
+    "k3": "base",
+    "kandinsky3-flash": "flash",
+    "kandinsky3-inpainting": "inpainting",
+}
 DEFAULT_VARIANT = "nano"
 
 
 def get_variant(name: str) -> Variant:
     key = ALIASES.get(name.lower(), name.lower())
     if key not in VARIANTS:
-        raise ValueError(f"unknown model {name!r}: use one of {', '.join(VARIANTS)}, a Hugging Face repo id "
-                         f"(e.g. {OFFICIAL_REPO} or {DIFFUSERS_REPO}) or a local folder")
+        raise ValueError(
+            f"unknown model {name!r}: use one of {', '.join(VARIANTS)}, a Hugging Face repo id "
+            f"(e.g. {OFFICIAL_REPO} or {DIFFUSERS_REPO}) or a local folder"
+        )
     return VARIANTS[key]
 
 
@@ -126,12 +183,20 @@ class SuperResVariant:
 SUPERRES_VARIANTS: dict[str, SuperResVariant] = {
     v.name: v
     for v in [
-        SuperResVariant("x4", "KandiSuperRes 4×: 5 DPM-Solver++ steps over 1024-px views", 4, file="KandiSuperRes.ckpt"),
+        SuperResVariant(
+            "x4", "KandiSuperRes 4×: 5 DPM-Solver++ steps over 1024-px views", 4, file="KandiSuperRes.ckpt"
+        ),
         SuperResVariant("x2", "KandiSuperRes 2×", 2, file="KandiSuperRes_x2.ckpt"),
-        SuperResVariant("flash-x2", "KandiSuperRes Flash 2×: 4 steps + K3 Flash latent refine", 2, mode="flash",
-                        file="KandiSuperRes_flash_x2.pt"),
-        SuperResVariant("nano", "nano upscaler trained on the shapes world (64 → 256 px), the default", 4,
-                        local_dir=NANO_SR_DIR),
+        SuperResVariant(
+            "flash-x2",
+            "KandiSuperRes Flash 2×: 4 steps + K3 Flash latent refine",
+            2,
+            mode="flash",
+            file="KandiSuperRes_flash_x2.pt",
+        ),
+        SuperResVariant(
+            "nano", "nano upscaler trained on the shapes world (64 → 256 px), the default", 4, local_dir=NANO_SR_DIR
+        ),
         SuperResVariant("tiny", "random-weight test preset", 4),
     ]
 }

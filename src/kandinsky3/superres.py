@@ -2,14 +2,14 @@
 
 Standard: x0-prediction, ``DPMSolverMultistepScheduler`` (linear betas, ``prediction_type="sample"``), 5 steps,
 MultiDiffusion over 1024-px windows with stride 800, each view batch with its own solver history; views averaged
-uniformly (official, ``blend="uniform"``) or faded out at inner edges (``blend="ramp"``, the default: no seams). Flash: 4 re-noised steps on the whole image, then a one-step latent refine with the K3 Flash U-Net and
-the MoVQ over blended tiles.
+uniformly (official, ``blend="uniform"``) or faded out at inner edges (``blend="ramp"``, the default: no seams).
+Flash: 4 re-noised steps on the whole image, then a one-step latent refine with the K3 Flash U-Net and the MoVQ
+over blended tiles.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,25 +18,10 @@ from PIL import Image
 from .diffusion import FLASH_TIMESTEPS, NoiseSchedule
 from .diffusion.tiling import BLENDS, ViewAverager, crop, get_views
 from .images import as_pil, pil_to_tensor, tensor_to_pil, with_metadata
-from .models.movq import MoVQ
-from .models.superres import SuperResUNet
+from .models.superres import RefineParts, SuperResUNet, refine_context_from_text_encoder
 from .models.tiles import tiled_map
-from .models.unet import UNet
 
 SCALES = (2, 4)
-
-
-@dataclass
-class RefineParts:
-    """Flash refine: the K3 Flash U-Net, the MoVQ, and the (projected, uncropped) empty-prompt context."""
-
-    unet: UNet
-    movq: MoVQ
-    context: torch.Tensor  # (1, L, D)
-    context_mask: torch.Tensor  # (1, L)
-    tile: int = 352
-    stride: int = 264
-    timestep: int = 229
 
 
 def make_dpm_scheduler(steps: int):
@@ -51,9 +36,20 @@ class SuperRes:
     """>>> sr = SuperRes.from_pretrained()      # the nano upscaler (64 → 256 px shapes-world scenes)
     >>> big = sr.upscale(image, scale=4)"""
 
-    def __init__(self, unet: SuperResUNet, scale: int = 4, mode: str = "standard", refine: RefineParts | None = None,
-                 device="cpu", name: str = "custom", window: int = 1024, stride: int = 800, view_batch_size: int = 15,
-                 steps: int = 5, blend: str = "ramp"):
+    def __init__(
+        self,
+        unet: SuperResUNet,
+        scale: int = 4,
+        mode: str = "standard",
+        refine: RefineParts | None = None,
+        device="cpu",
+        name: str = "custom",
+        window: int = 1024,
+        stride: int = 800,
+        view_batch_size: int = 15,
+        steps: int = 5,
+        blend: str = "ramp",
+    ):
         if mode not in ("standard", "flash"):
             raise ValueError("mode must be 'standard' or 'flash'")
         self.unet, self.scale, self.mode, self.refine_parts = unet, scale, mode, refine
@@ -64,8 +60,9 @@ class SuperRes:
         self.blend = blend
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike | None = None, *, device=None, dtype=None,
-                        local_files_only: bool = False) -> "SuperRes":
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike | None = None, *, device=None, dtype=None, local_files_only: bool = False
+    ) -> "SuperRes":
         """``nano`` (default), ``x4`` / ``x2`` / ``flash-x2`` (ai-forever/KandiSuperRes), ``tiny`` or a folder."""
         from .checkpoints.superres import load_superres
 
@@ -74,10 +71,21 @@ class SuperRes:
 
     # -- public -------------------------------------------------------------------------------------------------
 
-    def upscale(self, image, scale: int | None = None, steps: int | None = None, seed: int | None = None, *,
-                window: int | None = None, stride: int | None = None, view_batch_size: int | None = None,
-                blend: str | None = None, refine: bool = True, generator: torch.Generator | None = None,
-                progress: bool = True) -> Image.Image:
+    def upscale(
+        self,
+        image,
+        scale: int | None = None,
+        steps: int | None = None,
+        seed: int | None = None,
+        *,
+        window: int | None = None,
+        stride: int | None = None,
+        view_batch_size: int | None = None,
+        blend: str | None = None,
+        refine: bool = True,
+        generator: torch.Generator | None = None,
+        progress: bool = True,
+    ) -> Image.Image:
         """Upscale a PIL image (or path / array) by ``scale`` (2 or 4); the result is exactly ``scale×`` the input.
 
         ``window=0`` runs the whole image as one view (no overlapping windows: less work when memory allows).
@@ -97,13 +105,32 @@ class SuperRes:
             blend = blend or self.blend
             if blend not in BLENDS:
                 raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
-            out = self._standard(image, scale, steps or self.steps, generator, window, stride or self.stride,
-                                 view_batch_size or self.view_batch_size, blend, progress)
+            out = self._standard(
+                image,
+                scale,
+                steps or self.steps,
+                generator,
+                window,
+                stride or self.stride,
+                view_batch_size or self.view_batch_size,
+                blend,
+                progress,
+            )
         result = tensor_to_pil(out)[0]
-        return with_metadata(result, {"task": "upscale", "model": self.name, "scale": scale, "mode": self.mode,
-                                      "steps": steps or (len(FLASH_TIMESTEPS) if self.mode == "flash" else self.steps),
-                                      "seed": seed, "window": window, "stride": stride or self.stride,
-                                      **({"blend": blend} if self.mode == "standard" else {})})
+        return with_metadata(
+            result,
+            {
+                "task": "upscale",
+                "model": self.name,
+                "scale": scale,
+                "mode": self.mode,
+                "steps": steps or (len(FLASH_TIMESTEPS) if self.mode == "flash" else self.steps),
+                "seed": seed,
+                "window": window,
+                "stride": stride or self.stride,
+                **({"blend": blend} if self.mode == "standard" else {}),
+            },
+        )
 
     # -- standard: DPM-Solver++ over MultiDiffusion views -----------------------------------------------------------
 
@@ -120,8 +147,9 @@ class SuperRes:
         return next(self.unet.parameters())
 
     @torch.no_grad()
-    def _standard(self, image, scale, steps, generator, window, stride, view_batch_size, blend,
-                  progress) -> torch.Tensor:
+    def _standard(
+        self, image, scale, steps, generator, window, stride, view_batch_size, blend, progress
+    ) -> torch.Tensor:
         from tqdm.auto import tqdm
 
         p = self._param()
@@ -135,7 +163,7 @@ class SuperRes:
         img = torch.randn(1, 3, H, W, generator=generator, device=generator.device).to(self.device)
         up_lr = F.interpolate(lowres, size=(H, W), mode="bilinear", align_corners=False)
         views = get_views(H, W, window, stride) if window else [(0, H, 0, W)]
-        batches = [views[i:i + view_batch_size] for i in range(0, len(views), view_batch_size)]
+        batches = [views[i : i + view_batch_size] for i in range(0, len(views), view_batch_size)]
         schedulers = [make_dpm_scheduler(steps) for _ in batches]  # each view batch keeps its own history
         timesteps = schedulers[0].timesteps
         bar = tqdm(total=len(timesteps) * len(views), desc="upscaling", disable=not progress, leave=False)
@@ -174,8 +202,9 @@ class SuperRes:
             raise ValueError("Flash super-resolution needs an image of at least 32x32 pixels")
         lowres = pil_to_tensor(small).to(self.device)
         schedule = NoiseSchedule.named("linear")
-        img = torch.randn(1, 3, small.height * scale, small.width * scale, generator=generator,
-                          device=generator.device).to(self.device)
+        img = torch.randn(
+            1, 3, small.height * scale, small.width * scale, generator=generator, device=generator.device
+        ).to(self.device)
         for t in tqdm(FLASH_TIMESTEPS, desc="upscaling (flash)", disable=not progress, leave=False):
             noise = torch.randn(img.shape, generator=generator, device=generator.device).to(self.device)
             x_t = schedule.q_sample(img, t, noise)
@@ -188,7 +217,7 @@ class SuperRes:
         r = self.refine_parts
         schedule = NoiseSchedule.named("cosine")
         mp, up = next(r.movq.parameters()), next(r.unet.parameters())
-        z = r.movq.encode(img.to(mp.device, mp.dtype)).float()
+        z = r.movq.encode(img.to(mp.device, mp.dtype), tiled=True).float()  # the KandiSuperRes MoVQ tiles
         context, mask = r.context.to(up.device, up.dtype), r.context_mask.to(up.device)
 
         f = r.unet.config.downsample_factor
@@ -199,24 +228,13 @@ class SuperRes:
             noise = torch.randn(tile.shape, generator=generator, device=generator.device).to(tile.device)
             x_t = schedule.q_sample(tile, r.timestep, noise)
             time = torch.full((tile.shape[0],), float(r.timestep), device=up.device)
-            eps = r.unet(x_t.to(up.dtype), time, context.expand(tile.shape[0], -1, -1),
-                         mask.expand(tile.shape[0], -1).bool()).float()
+            eps = r.unet(
+                x_t.to(up.dtype), time, context.expand(tile.shape[0], -1, -1), mask.expand(tile.shape[0], -1).bool()
+            ).float()
             return schedule.x0_from_eps(x_t, r.timestep, eps)[..., :h, :w]
 
         z = tiled_map(z, one_step, r.tile, r.stride) if max(z.shape[-2:]) > r.tile else one_step(z)
-        return r.movq.decode(z.to(mp.dtype)).float()
-
-
-def refine_context_from_text_encoder(text_encoder, length: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """The refine context of the reference files, computed: the empty prompt through T5, padding zeroed *before*
-    the projection (so pads hold the LayerNorm bias), uncropped, only position 0 attended."""
-    ids, mask = text_encoder.tokenize([""])
-    with torch.no_grad():
-        hidden = text_encoder.encoder(input_ids=ids.to(text_encoder.device),
-                                      attention_mask=mask.to(text_encoder.device)).last_hidden_state
-        hidden = hidden * mask.to(hidden)[..., None]
-        context = text_encoder.projection(hidden.to(text_encoder.projection[0].weight.dtype))
-    return context[:, :length].cpu(), mask[:, :length]
+        return r.movq.decode(z.to(mp.dtype), tiled=True).float()
 
 
 __all__ = ["RefineParts", "SuperRes", "make_dpm_scheduler", "refine_context_from_text_encoder"]

@@ -34,7 +34,9 @@ def load_file(path: str | os.PathLike) -> dict:
         try:
             return load_st(str(path))
         except Exception as exc:  # safetensors raises its own error types
-            raise CheckpointError(f"{path} is not a valid safetensors file ({exc}); re-download or re-convert it") from exc
+            raise CheckpointError(
+                f"{path} is not a valid safetensors file ({exc}); re-download or re-convert it"
+            ) from exc
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except pickle.UnpicklingError as exc:
@@ -109,8 +111,11 @@ def load_into(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], w
     own = module.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
-    shapes = [f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    shapes = [
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state_dict and state_dict[k].shape != own[k].shape
+    ]
     if shapes or (strict and (missing or unexpected)):
         parts = []
         if missing:

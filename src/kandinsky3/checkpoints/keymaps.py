@@ -38,7 +38,6 @@ _PROJECTION_TO_DIFFUSERS = {
     "1.weight": "encoder_hid_proj.projection_norm.weight",
     "1.bias": "encoder_hid_proj.projection_norm.bias",
 }
-_FORK_PROJECTION = {"projection_lin.weight": "0.weight", "projection_ln.weight": "1.weight", "projection_ln.bias": "1.bias"}
 
 
 def unet_key_to_diffusers(key: str) -> str:
@@ -81,12 +80,6 @@ def unet_from_diffusers(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
     return unet, projection
 
 
-def unet_from_fork(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Fork (``UNetKandi3``) state dict: the official keys plus the projection inside the U-Net."""
-    projection = {_FORK_PROJECTION[k]: v for k, v in sd.items() if k in _FORK_PROJECTION}
-    return {k: v for k, v in sd.items() if k not in _FORK_PROJECTION}, projection
-
-
 def unet_config_to_diffusers(config: UNetConfig, encoder_hid_dim: int | None = None) -> dict:
     """``encoder_hid_dim``: the text encoder's width (the projection's input), by default ``context_dim``."""
     channels = [config.model_channels * m for m in config.dim_mult]
@@ -96,7 +89,8 @@ def unet_config_to_diffusers(config: UNetConfig, encoder_hid_dim: int | None = N
         and config.add_cross_attention == (False,) + (True,) * (len(channels) - 1)
         and config.add_self_attention == (False,) + (True,) * (len(channels) - 1)
         and config.out_channels == config.num_channels
-        and config.expansion_ratio == 4 and config.compression_ratio == 2
+        and config.expansion_ratio == 4
+        and config.compression_ratio == 2
     )
     if not representable:
         raise ValueError(
@@ -233,10 +227,16 @@ def movq_config_from_diffusers(cfg: dict) -> MoVQConfig:
     channels = list(cfg["block_out_channels"])
     ch = channels[0]
     resolution = cfg.get("sample_size", 256)
-    attn = [resolution // 2 ** i for i, t in enumerate(cfg["down_block_types"]) if t.startswith("Attn")]
+    attn = [resolution // 2**i for i, t in enumerate(cfg["down_block_types"]) if t.startswith("Attn")]
     return MoVQConfig(
-        ch=ch, ch_mult=tuple(c // ch for c in channels), num_res_blocks=cfg.get("layers_per_block", 2),
-        attn_resolutions=tuple(attn), in_channels=cfg.get("in_channels", 3), out_ch=cfg.get("out_channels", 3),
-        resolution=resolution, z_channels=cfg.get("latent_channels", 4),
-        embed_dim=cfg.get("vq_embed_dim") or cfg.get("latent_channels", 4), num_groups=cfg.get("norm_num_groups", 32),
+        ch=ch,
+        ch_mult=tuple(c // ch for c in channels),
+        num_res_blocks=cfg.get("layers_per_block", 2),
+        attn_resolutions=tuple(attn),
+        in_channels=cfg.get("in_channels", 3),
+        out_ch=cfg.get("out_channels", 3),
+        resolution=resolution,
+        z_channels=cfg.get("latent_channels", 4),
+        embed_dim=cfg.get("vq_embed_dim") or cfg.get("latent_channels", 4),
+        num_groups=cfg.get("norm_num_groups", 32),
     )

@@ -84,8 +84,10 @@ def read_official(root: Path, variant: Variant | None = None) -> RawCheckpoint:
     if not variant.unet_file:
         raise CheckpointError(f"the {variant.name!r} variant has no official checkpoint files")
     wdir = _official_weights_dir(root)
-    files = {name: wdir / _official_relative(getattr(variant, name))
-             for name in ("unet_file", "projection_file", "movq_file")}
+    files = {
+        name: wdir / _official_relative(getattr(variant, name))
+        for name in ("unet_file", "projection_file", "movq_file")
+    }
     missing = [str(p) for p in files.values() if not p.is_file()]
     te_dir = wdir / _official_relative(variant.text_encoder_dir)
     if missing:
@@ -98,10 +100,13 @@ def read_official(root: Path, variant: Variant | None = None) -> RawCheckpoint:
     movq = tensors_only(load_file(files["movq_file"]), str(files["movq_file"]))
     configs = dict(unet=infer_unet_config(unet, variant.unet), movq=infer_movq_config(movq, variant.movq))
     if (configs["unet"], configs["movq"]) != (variant.unet, variant.movq):
-        configs.update(name=f"{variant.name}-custom",
-                       description=f"{variant.name} file layout with non-release sizes (configs read from the shapes)")
+        configs.update(
+            name=f"{variant.name}-custom",
+            description=f"{variant.name} file layout with non-release sizes (configs read from the shapes)",
+        )
     return RawCheckpoint(
-        variant=replace(variant, **configs), unet=unet,
+        variant=replace(variant, **configs),
+        unet=unet,
         projection=tensors_only(load_file(files["projection_file"]), str(files["projection_file"])),
         movq=movq,
         null_embedding=None if null is None else null.reshape(-1),
@@ -138,8 +143,15 @@ def read_native(root: Path, variant: Variant | None = None) -> RawCheckpoint:
     unet = load_file(root / "unet.safetensors")
     null = unet.pop("null_embedding", None)
     te = root / "text_encoder"
-    return RawCheckpoint(v, unet, load_file(root / "projection.safetensors"), load_file(root / "movq.safetensors"),
-                         null, te if te.is_dir() else None, extra=meta.get("extra", {}))
+    return RawCheckpoint(
+        v,
+        unet,
+        load_file(root / "projection.safetensors"),
+        load_file(root / "movq.safetensors"),
+        null,
+        te if te.is_dir() else None,
+        extra=meta.get("extra", {}),
+    )
 
 
 def write_native(raw: RawCheckpoint, root: str | Path):
@@ -152,9 +164,19 @@ def write_native(raw: RawCheckpoint, root: str | Path):
     save_safetensors(raw.projection, root / "projection.safetensors")
     save_safetensors(raw.movq, root / "movq.safetensors")
     _copy_text_encoder(raw, root / "text_encoder", root / "text_encoder")
-    save_json({"format": "kandinsky3-native", "name": v.name, "variant": _base_name(v), "unet": v.unet.to_dict(),
-               "movq": v.movq.to_dict(), "sampler": v.sampler.to_dict(), "size": v.size, "extra": raw.extra},
-              root / NATIVE_CONFIG)
+    save_json(
+        {
+            "format": "kandinsky3-native",
+            "name": v.name,
+            "variant": _base_name(v),
+            "unet": v.unet.to_dict(),
+            "movq": v.movq.to_dict(),
+            "sampler": v.sampler.to_dict(),
+            "size": v.size,
+            "extra": raw.extra,
+        },
+        root / NATIVE_CONFIG,
+    )
 
 
 def _base_name(v: Variant) -> str:
@@ -166,8 +188,12 @@ def _base_name(v: Variant) -> str:
 
 
 def _diffusers_weights(folder: Path) -> Path:
-    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-                 "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"):
+    for name in (
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.fp16.safetensors",
+        "diffusion_pytorch_model.bin",
+        "diffusion_pytorch_model.fp16.bin",
+    ):
         if (folder / name).is_file():
             return folder / name
     raise CheckpointError(f"no diffusion_pytorch_model weights in {folder}")
@@ -188,8 +214,12 @@ def read_diffusers(root: Path, variant: Variant | None = None) -> RawCheckpoint:
     v = replace(base, unet=unet_cfg, movq=movq_cfg)
     if extra_file.is_file():  # our own sampler defaults, written by write_diffusers
         meta = load_json(extra_file)
-        v = replace(v, name=meta.get("name", v.name), sampler=SamplerDefaults(**meta.get("sampler", {})),
-                    size=meta.get("size", v.size))
+        v = replace(
+            v,
+            name=meta.get("name", v.name),
+            sampler=SamplerDefaults(**meta.get("sampler", {})),
+            size=meta.get("size", v.size),
+        )
     te, tok = root / "text_encoder", root / "tokenizer"
     with torch.device("meta"):
         unet, movq = _module_order(unet, UNet(unet_cfg)), _module_order(movq, MoVQ(movq_cfg))
@@ -205,20 +235,41 @@ def _module_order(sd: dict[str, torch.Tensor], module: torch.nn.Module) -> dict[
 def write_diffusers(raw: RawCheckpoint, root: str | Path):
     root = Path(root)
     v = raw.variant
-    save_json(keymaps.unet_config_to_diffusers(v.unet, raw.projection["0.weight"].shape[1]),
-              root / "unet" / "config.json")
-    save_safetensors(keymaps.unet_to_diffusers(raw.unet, raw.projection), root / "unet" / "diffusion_pytorch_model.safetensors")
+    save_json(
+        keymaps.unet_config_to_diffusers(v.unet, raw.projection["0.weight"].shape[1]), root / "unet" / "config.json"
+    )
+    save_safetensors(
+        keymaps.unet_to_diffusers(raw.unet, raw.projection), root / "unet" / "diffusion_pytorch_model.safetensors"
+    )
     if raw.null_embedding is not None:
         save_safetensors({"null_embedding": raw.null_embedding}, root / "unet" / "null_embedding.safetensors")
     save_json(keymaps.movq_config_to_diffusers(v.movq), root / "movq" / "config.json")
     save_safetensors(keymaps.movq_to_diffusers(raw.movq), root / "movq" / "diffusion_pytorch_model.safetensors")
-    save_json({"_class_name": "DDPMScheduler", "beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 1000,
-               "prediction_type": "epsilon", "clip_sample": True, "steps_offset": 1, "timestep_spacing": "leading",
-               "variance_type": "fixed_small", "thresholding": False}, root / "scheduler" / "scheduler_config.json")
-    save_json({"_class_name": "Kandinsky3Pipeline", "movq": ["diffusers", "VQModel"],
-               "scheduler": ["diffusers", "DDPMScheduler"], "text_encoder": ["transformers", "T5EncoderModel"],
-               "tokenizer": ["transformers", "T5TokenizerFast"], "unet": ["diffusers", "Kandinsky3UNet"]},
-              root / "model_index.json")
+    save_json(
+        {
+            "_class_name": "DDPMScheduler",
+            "beta_schedule": "squaredcos_cap_v2",
+            "num_train_timesteps": 1000,
+            "prediction_type": "epsilon",
+            "clip_sample": True,
+            "steps_offset": 1,
+            "timestep_spacing": "leading",
+            "variance_type": "fixed_small",
+            "thresholding": False,
+        },
+        root / "scheduler" / "scheduler_config.json",
+    )
+    save_json(
+        {
+            "_class_name": "Kandinsky3Pipeline",
+            "movq": ["diffusers", "VQModel"],
+            "scheduler": ["diffusers", "DDPMScheduler"],
+            "text_encoder": ["transformers", "T5EncoderModel"],
+            "tokenizer": ["transformers", "T5TokenizerFast"],
+            "unet": ["diffusers", "Kandinsky3UNet"],
+        },
+        root / "model_index.json",
+    )
     save_json({"name": v.name, "sampler": v.sampler.to_dict(), "size": v.size}, root / DIFFUSERS_SIDECAR)
     _copy_text_encoder(raw, root / "text_encoder", root / "tokenizer")
 

@@ -35,7 +35,9 @@ def fetch_command(repo: str, files: list[str]) -> str:
     return f"hf download {repo} {includes} --local-dir ./{repo.split('/')[-1]}"
 
 
-def resolve(name_or_path: str | os.PathLike | None, local_files_only: bool = False) -> tuple[Path | None, Variant | None]:
+def resolve(
+    name_or_path: str | os.PathLike | None, local_files_only: bool = False
+) -> tuple[Path | None, Variant | None]:
     """→ (local folder, or None for the in-memory ``tiny`` preset; the variant if a registered name was given).
 
     Accepts a folder, a registered name (``nano``, ``base``, ``flash``, …), or a Hugging Face repo id.
@@ -48,14 +50,18 @@ def resolve(name_or_path: str | os.PathLike | None, local_files_only: bool = Fal
         variant = get_variant(text)
         if variant.local_dir is not None:
             if not (variant.local_dir / "kandinsky3.json").is_file():
-                raise CheckpointError(f"the {variant.name} weights are not in this installation ({variant.local_dir}); "
-                                      "reinstall the package or rebuild them (docs/nano.md)")
+                raise CheckpointError(
+                    f"the {variant.name} weights are not in this installation ({variant.local_dir}); "
+                    "reinstall the package or rebuild them (docs/nano.md)"
+                )
             return variant.local_dir, variant
         if variant.hub_repo is None:
             if variant.name == "tiny":
                 return None, variant
-            raise CheckpointError(f"the {variant.name!r} variant has no published weights ({variant.description}); "
-                                  "train it with `kandinsky3 train` or pass a folder with your own checkpoint")
+            raise CheckpointError(
+                f"the {variant.name!r} variant has no published weights ({variant.description}); "
+                "train it with `kandinsky3 train` or pass a folder with your own checkpoint"
+            )
         return _download(variant.hub_repo, variant.official_files, local_files_only), variant
     parts = text.split("/")
     if len(parts) == 2 and all(parts) and not text.startswith(".") and not path.exists():
@@ -92,8 +98,14 @@ def parse_dtype(value, default=torch.float32):
         return default
     if isinstance(value, torch.dtype):
         return value
-    table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    table = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+    }
     if value not in table:
         raise ValueError(f"unknown dtype {value!r}; use one of {sorted(table)}")
     return table[value]
@@ -124,8 +136,9 @@ def build_text_encoder(raw: RawCheckpoint, dtype=None, device="cpu", quantizatio
             from transformers import BitsAndBytesConfig
         except ImportError as exc:  # pragma: no cover
             raise CheckpointError("8/4-bit text encoders need `pip install kandinsky3[quantization]`") from exc
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=quantization == "8bit",
-                                                           load_in_4bit=quantization == "4bit")
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_8bit=quantization == "8bit", load_in_4bit=quantization == "4bit"
+        )
         kwargs["device_map"] = {"": device}
     elif quantization:
         raise ValueError(f"quantization must be None, '8bit' or '4bit', not {quantization!r}")
@@ -140,13 +153,24 @@ def build_text_encoder(raw: RawCheckpoint, dtype=None, device="cpu", quantizatio
     d_model, context_dim = raw.projection["0.weight"].shape[1], raw.projection["0.weight"].shape[0]
     projection = make_projection(d_model, context_dim)
     load_into(projection, raw.projection, "text projection")
-    projection = projection.to(device=device, dtype=torch.float32 if quantization else parse_dtype(dtype)).requires_grad_(False)
+    projection = projection.to(
+        device=device, dtype=torch.float32 if quantization else parse_dtype(dtype)
+    ).requires_grad_(False)
     return TextEncoder(tokenizer, encoder, projection, raw.null_embedding).to(device)
 
 
-def load_components(name_or_path=None, *, device="cpu", unet_dtype=None, movq_dtype=None, text_encoder_dtype=None,
-                    text_encoder_device=None, quantization=None, local_files_only=False,
-                    variant: str | None = None) -> Components:
+def load_components(
+    name_or_path=None,
+    *,
+    device="cpu",
+    unet_dtype=None,
+    movq_dtype=None,
+    text_encoder_dtype=None,
+    text_encoder_device=None,
+    quantization=None,
+    local_files_only=False,
+    variant: str | None = None,
+) -> Components:
     root, named = resolve(name_or_path, local_files_only)
     if variant is not None:
         named = get_variant(variant)
@@ -164,8 +188,10 @@ def load_components(name_or_path=None, *, device="cpu", unet_dtype=None, movq_dt
 # ---------------------------------------------------------------------------------------------------------------
 # the in-memory random preset, and writing any components back to disk
 
-TINY_WORDS = ("a an the of in on at and with red orange yellow green blue purple white black gray circle square "
-              "triangle star small large big top bottom left right center background cat dog photo painting").split()
+TINY_WORDS = (
+    "a an the of in on at and with red orange yellow green blue purple white black gray circle square "
+    "triangle star small large big top bottom left right center background cat dog photo painting"
+).split()
 
 
 def tiny_components(variant: Variant | None = None, seed: int = 0, device="cpu") -> Components:
@@ -176,10 +202,23 @@ def tiny_components(variant: Variant | None = None, seed: int = 0, device="cpu")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer = build_word_tokenizer(list(TINY_WORDS))
-        t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_ff=64, d_kv=16, num_layers=2,
-                                     num_heads=2, feed_forward_proj="gated-silu", relative_attention_num_buckets=8,
-                                     relative_attention_max_distance=32, dropout_rate=0.0, pad_token_id=0,
-                                     eos_token_id=1, decoder_start_token_id=0))
+        t5 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(tokenizer),
+                d_model=32,
+                d_ff=64,
+                d_kv=16,
+                num_layers=2,
+                num_heads=2,
+                feed_forward_proj="gated-silu",
+                relative_attention_num_buckets=8,
+                relative_attention_max_distance=32,
+                dropout_rate=0.0,
+                pad_token_id=0,
+                eos_token_id=1,
+                decoder_start_token_id=0,
+            )
+        )
         context_dim = variant.unet.context_dim
         projection = make_projection(32, context_dim)
         null = torch.randn(context_dim)
@@ -205,8 +244,9 @@ def components_to_raw(components: Components, workdir: Path, dtype: torch.dtype 
     return RawCheckpoint(components.variant, sd(components.unet), sd(te.projection), sd(components.movq), null, te_dir)
 
 
-def save_components(components: Components, path: str | os.PathLike, layout: str = "native",
-                    dtype: torch.dtype | None = None):
+def save_components(
+    components: Components, path: str | os.PathLike, layout: str = "native", dtype: torch.dtype | None = None
+):
     if layout not in WRITERS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {sorted(WRITERS)}")
     with tempfile.TemporaryDirectory() as tmp:

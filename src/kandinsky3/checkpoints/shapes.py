@@ -23,14 +23,27 @@ def _indices(keys, pattern: str) -> list[int]:
 def infer_unet_config(sd: dict[str, torch.Tensor], base: UNetConfig) -> UNetConfig:
     try:
         levels = _indices(sd, r"down_samples\.(\d+)\.")
-        widths = [sd[f"down_samples.{i}.resnet_attn_blocks.0.0.resnet_blocks.3.projection.weight"].shape[0]
-                  for i in levels]
+        widths = [
+            sd[f"down_samples.{i}.resnet_attn_blocks.0.0.resnet_blocks.3.projection.weight"].shape[0] for i in levels
+        ]
         cross = [f"down_samples.{i}.resnet_attn_blocks.0.1.attention.to_key.weight" in sd for i in levels]
-        context_dim = next((sd[f"down_samples.{i}.resnet_attn_blocks.0.1.attention.to_key.weight"].shape[1]
-                            for i, c in zip(levels, cross) if c), None)
+        context_dim = next(
+            (
+                sd[f"down_samples.{i}.resnet_attn_blocks.0.1.attention.to_key.weight"].shape[1]
+                for i, c in zip(levels, cross)
+                if c
+            ),
+            None,
+        )
         first_attn = next((i for i, c in zip(levels, cross) if c), None)
-        expansion = base.expansion_ratio if first_attn is None else (
-            sd[f"down_samples.{first_attn}.resnet_attn_blocks.0.1.feed_forward.0.weight"].shape[0] // widths[first_attn])
+        expansion = (
+            base.expansion_ratio
+            if first_attn is None
+            else (
+                sd[f"down_samples.{first_attn}.resnet_attn_blocks.0.1.feed_forward.0.weight"].shape[0]
+                // widths[first_attn]
+            )
+        )
         hidden = sd["down_samples.0.resnet_attn_blocks.0.0.resnet_blocks.0.projection.weight"].shape[0]
         init = sd["in_layer.weight"].shape[0]
         return replace(
@@ -46,8 +59,9 @@ def infer_unet_config(sd: dict[str, torch.Tensor], base: UNetConfig) -> UNetConf
             dim_mult=tuple(w // widths[0] for w in widths),
             num_blocks=tuple(len(_indices(sd, rf"down_samples\.{i}\.resnet_attn_blocks\.(\d+)\.")) for i in levels),
             add_cross_attention=tuple(cross),
-            add_self_attention=tuple(any(k.startswith(f"down_samples.{i}.self_attention_block.") for k in sd)
-                                     for i in levels),
+            add_self_attention=tuple(
+                any(k.startswith(f"down_samples.{i}.self_attention_block.") for k in sd) for i in levels
+            ),
         )
     except (KeyError, IndexError, StopIteration, ZeroDivisionError) as exc:
         raise CheckpointError(f"the U-Net state dict does not have the Kandinsky 3 layout (missing {exc})") from exc

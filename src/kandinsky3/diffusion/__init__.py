@@ -1,10 +1,37 @@
 """Diffusion maths on tensors: schedules, samplers, guidance. Knows nothing about files."""
 
-from .conditioning import Conditioning, Denoiser
-from .sampling import FLASH_TIMESTEPS, flash_timesteps, official_timesteps, sample_ddim, sample_flash, sample_with_scheduler
+from .conditioning import Adapter, Conditioning, Denoiser, ExtraChannels
+from .sampling import (
+    FLASH_TIMESTEPS,
+    SAMPLERS,
+    GenerationCancelled,
+    NoiseSource,
+    Sampler,
+    SamplerRun,
+    flash_timesteps,
+    official_timesteps,
+    sample_ddim,
+    sample_flash,
+    sample_with_scheduler,
+)
 from .schedule import NoiseSchedule, dynamic_threshold
 
 __all__ = [
-    "Conditioning", "Denoiser", "FLASH_TIMESTEPS", "flash_timesteps", "NoiseSchedule", "dynamic_threshold", "official_timesteps",
-    "sample_ddim", "sample_flash", "sample_with_scheduler",
+    "Adapter",
+    "Conditioning",
+    "Denoiser",
+    "ExtraChannels",
+    "FLASH_TIMESTEPS",
+    "GenerationCancelled",
+    "NoiseSchedule",
+    "NoiseSource",
+    "SAMPLERS",
+    "Sampler",
+    "SamplerRun",
+    "dynamic_threshold",
+    "flash_timesteps",
+    "official_timesteps",
+    "sample_ddim",
+    "sample_flash",
+    "sample_with_scheduler",
 ]

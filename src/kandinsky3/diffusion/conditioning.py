@@ -1,29 +1,46 @@
-"""What the U-Net is conditioned on, and the Denoiser that turns (x_t, t) into a guided ε."""
+"""What the U-Net is conditioned on, per-step adapters, and the Denoiser that turns (x_t, t) into a guided ε."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import torch
+
+BRANCHES = ("cond", "uncond")
+
+
+def _move(value, device, dtype):
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return [_move(v, device, dtype) for v in value]
+    return value.to(device=device, dtype=dtype if value.is_floating_point() else None)
+
+
+def _cat(a, b):
+    """Stack the cond and uncond values of one U-Net keyword input along the batch (lists element-wise)."""
+    if a is None:
+        return None
+    if isinstance(a, (list, tuple)):
+        return [torch.cat([x, y]) for x, y in zip(a, b)]
+    return torch.cat([a, b])
 
 
 @dataclass
 class Conditioning:
-    """Everything besides (x_t, t) that one U-Net call needs, for a batch of B images.
+    """The text condition of a batch of B images.
 
     context (B, L, D) projected text tokens and context_mask (B, L); uncond_* the same for the unconditional
-    branch of classifier-free guidance (None: no guidance possible, e.g. Flash); extra_channels (B, C, h, w) are
-    concatenated after x_t (inpainting: mask then masked-image latent); control_residuals are added to the
-    U-Net skips (ControlNet); context_lengths (B,) each sample's own crop length when prompts of different
-    lengths share a batch (None: all share L, the official case).
+    branch of classifier-free guidance (None: no guidance possible, e.g. Flash); context_lengths (B,) each
+    sample's own crop length when prompts of different lengths share a batch (None: all share L, the official case).
     """
 
     context: torch.Tensor
     context_mask: torch.Tensor
     uncond_context: torch.Tensor | None = None
     uncond_mask: torch.Tensor | None = None
-    extra_channels: torch.Tensor | None = None
-    control_residuals: list[torch.Tensor] | None = None
     context_lengths: torch.Tensor | None = None
 
     @property
@@ -31,49 +48,78 @@ class Conditioning:
         return self.context.shape[0]
 
     def to(self, device=None, dtype=None) -> "Conditioning":
-        def move(t):
-            if t is None:
-                return None
-            if isinstance(t, list):
-                return [move(x) for x in t]
-            return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+        return replace(self, **{k: _move(getattr(self, k), device, dtype) for k in self.__dataclass_fields__})
 
-        return replace(self, **{k: move(getattr(self, k)) for k in self.__dataclass_fields__})
+    def unet_inputs(self, branch: str) -> dict:
+        """The U-Net keyword inputs of one guidance branch."""
+        if branch == "cond":
+            return dict(context=self.context, context_mask=self.context_mask, context_lengths=self.context_lengths)
+        return dict(context=self.uncond_context, context_mask=self.uncond_mask, context_lengths=self.context_lengths)
+
+
+class Adapter(Protocol):
+    """A per-step addition to the U-Net's inputs: called at every step with (x_t, t) for each guidance branch
+    ("cond", "uncond"); returns U-Net keyword inputs for that branch (B rows each). ``to`` moves its tensors.
+
+    The three planned adapters: inpainting channels (:class:`ExtraChannels`, ``extra_channels``), ControlNet
+    residuals computed from (x_t, t) (``control_residuals``), IP-Adapter image tokens (``image_tokens``)."""
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, branch: str) -> dict: ...
+
+    def to(self, device, dtype) -> "Adapter": ...
+
+
+@dataclass
+class ExtraChannels:
+    """Constant extra input channels after x_t in both branches (inpainting: keep-mask, masked-image latent)."""
+
+    channels: torch.Tensor
+
+    def __call__(self, x_t, t, branch: str) -> dict:
+        return {"extra_channels": self.channels}
+
+    def to(self, device, dtype) -> "ExtraChannels":
+        return ExtraChannels(_move(self.channels, device, dtype))
 
 
 class Denoiser:
-    """Wraps a U-Net with its conditioning: ``denoiser(x_t, t) → ε`` in fp32.
+    """Wraps a U-Net with its conditioning and adapters: ``denoiser(x_t, t) → ε`` in fp32.
 
-    With guidance weight w > 0 (and an unconditional branch) it runs one doubled batch, condition first
-    (the official order), and returns ``(w+1)·ε_cond − w·ε_uncond``.
+    With guidance weight w ≠ 0 (and an unconditional branch) it runs one doubled batch, condition first (the
+    official order) — every keyword input of the two branches is stacked the same way — and returns
+    ``(w+1)·ε_cond − w·ε_uncond``.
     """
 
-    def __init__(self, unet: torch.nn.Module, conditioning: Conditioning, guidance_weight: float = 0.0):
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        conditioning: Conditioning,
+        guidance_weight: float = 0.0,
+        adapters: Sequence[Adapter] = (),
+    ):
         self.unet = unet
         param = next(unet.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.cond = conditioning.to(self.device, self.dtype)
+        self.adapters = [a.to(self.device, self.dtype) for a in adapters]
         self.guidance_weight = guidance_weight
         self.guided = guidance_weight != 0 and conditioning.uncond_context is not None
 
-    def _unet_input(self, x_t: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
-        x = x_t.to(self.device, self.dtype)
-        return x if extra is None else torch.cat([x, extra], dim=1)
+    def _inputs(self, x_t: torch.Tensor, t: torch.Tensor, branch: str) -> dict:
+        inputs = self.cond.unet_inputs(branch)
+        for adapter in self.adapters:
+            inputs.update(adapter(x_t, t, branch))
+        return inputs
 
     @torch.no_grad()
     def __call__(self, x_t: torch.Tensor, t) -> torch.Tensor:
         b = x_t.shape[0]
         t = torch.as_tensor(t, device=self.device, dtype=torch.float32).expand(b)
-        c = self.cond
+        x = x_t.to(self.device, self.dtype)
         if not self.guided:
-            eps = self.unet(self._unet_input(x_t, c.extra_channels), t, c.context, c.context_mask, c.control_residuals,
-                            c.context_lengths)
-            return eps.float()
-        x_in = self._unet_input(torch.cat([x_t, x_t]), None if c.extra_channels is None else torch.cat([c.extra_channels] * 2))
-        context = torch.cat([c.context, c.uncond_context])
-        mask = torch.cat([c.context_mask, c.uncond_mask])
-        residuals = None if c.control_residuals is None else [torch.cat([r, r]) for r in c.control_residuals]
-        lengths = None if c.context_lengths is None else torch.cat([c.context_lengths] * 2)
-        eps_cond, eps_uncond = self.unet(x_in, torch.cat([t, t]), context, mask, residuals, lengths).float().chunk(2)
+            return self.unet(x, t, **self._inputs(x, t, "cond")).float()
+        cond, uncond = self._inputs(x, t, "cond"), self._inputs(x, t, "uncond")
+        inputs = {k: _cat(cond[k], uncond[k]) for k in cond}
+        eps_cond, eps_uncond = self.unet(torch.cat([x, x]), torch.cat([t, t]), **inputs).float().chunk(2)
         w = self.guidance_weight
         return (w + 1.0) * eps_cond - w * eps_uncond

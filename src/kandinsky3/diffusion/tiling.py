@@ -25,8 +25,11 @@ def _starts(length: int, window: int, stride: int) -> list[int]:
 def get_views(height: int, width: int, window: int = 1024, stride: int = 800) -> list[View]:
     """Row-major windows of ``window`` px every ``stride`` px; the last one in a row/column is shifted to end at the
     edge; an image smaller than the window is one view (crops are clipped to the image)."""
-    return [(top, min(top + window, height), left, min(left + window, width))
-            for top in _starts(height, window, stride) for left in _starts(width, window, stride)]
+    return [
+        (top, min(top + window, height), left, min(left + window, width))
+        for top in _starts(height, window, stride)
+        for left in _starts(width, window, stride)
+    ]
 
 
 def crop(x: torch.Tensor, view: View) -> torch.Tensor:
@@ -43,9 +46,9 @@ def edge_ramp(length: int, fade_start: bool, fade_end: bool, width: int) -> torc
     if width > 0:
         ramp = torch.arange(1, min(width, length) + 1, dtype=torch.float32) / (width + 1)
         if fade_start:
-            w[:len(ramp)] = torch.minimum(w[:len(ramp)], ramp)
+            w[: len(ramp)] = torch.minimum(w[: len(ramp)], ramp)
         if fade_end:
-            w[length - len(ramp):] = torch.minimum(w[length - len(ramp):], ramp.flip(0))
+            w[length - len(ramp) :] = torch.minimum(w[length - len(ramp) :], ramp.flip(0))
     return w
 
 

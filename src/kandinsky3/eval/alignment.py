@@ -41,8 +41,10 @@ class AlignmentReport:
 
     def table(self) -> str:
         """Aligned captions per group, and which stated attributes were wrong (as a share of the group's objects)."""
-        lines = [f"guidance {self.guidance}, {self.steps} steps",
-                 f"{'captions':<28}{'aligned':>10}{'n':>6}   wrong per object: colour / shape / position"]
+        lines = [
+            f"guidance {self.guidance}, {self.steps} steps",
+            f"{'captions':<28}{'aligned':>10}{'n':>6}   wrong per object: colour / shape / position",
+        ]
         counts = self.counts
         for group in sorted(counts):
             a, n = counts[group]
@@ -53,9 +55,14 @@ class AlignmentReport:
 
     def to_dict(self) -> dict:
         counts = self.counts
-        return {"guidance": self.guidance, "steps": self.steps,
-                "rates": {g: a / n for g, (a, n) in counts.items()}, "counts": counts, "misses": self.misses,
-                "aligned": self.aligned}
+        return {
+            "guidance": self.guidance,
+            "steps": self.steps,
+            "rates": {g: a / n for g, (a, n) in counts.items()},
+            "counts": counts,
+            "misses": self.misses,
+            "aligned": self.aligned,
+        }
 
 
 MULTI_OBJECT = ("2 objects", "3 objects", "held-out pairs")
@@ -73,7 +80,7 @@ def paired_comparison(a: AlignmentReport, b: AlignmentReport, groups=MULTI_OBJEC
     only_a = sum(x > y for x, y in pairs)
     only_b = sum(y > x for x, y in pairs)
     n = only_a + only_b
-    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n if n else 0.5
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2**n if n else 0.5
     return only_a, only_b, min(1.0, 2 * tail)
 
 
@@ -92,9 +99,17 @@ def alignment_captions(num: int, split: str = "val"):
     return samples
 
 
-def evaluate_alignment(pipe, num: int = 500, guidance: float | None = None, steps: int | None = None,
-                       batch: int = 25, seed: int = 0, split: str = "val", held_out: int | None = None,
-                       progress: bool = True) -> AlignmentReport:
+def evaluate_alignment(
+    pipe,
+    num: int = 500,
+    guidance: float | None = None,
+    steps: int | None = None,
+    batch: int = 25,
+    seed: int = 0,
+    split: str = "val",
+    held_out: int | None = None,
+    progress: bool = True,
+) -> AlignmentReport:
     """Alignment = every stated colour, shape and position holds in the judge's reading of the image.
 
     Groups: ``1 object``, ``2 objects``, ``3 objects`` on ``split`` captions, and ``held-out pairs`` on captions
@@ -102,16 +117,24 @@ def evaluate_alignment(pipe, num: int = 500, guidance: float | None = None, step
     """
     from tqdm.auto import tqdm
 
+    from ..requests import TextToImage
+
     samples = [(s, object_count_group(s)) for s in alignment_captions(num, split)]
-    samples += [(s, "held-out pairs") for s in alignment_captions(held_out if held_out is not None else num // 5,
-                                                                    "held_out")]
-    settings = pipe._settings({"guidance": guidance, "steps": steps})
+    samples += [
+        (s, "held-out pairs") for s in alignment_captions(held_out if held_out is not None else num // 5, "held_out")
+    ]
+    settings = TextToImage(guidance=guidance, steps=steps).resolve(pipe.variant)
     report = AlignmentReport(settings.guidance, settings.steps)
     bar = tqdm(total=len(samples), desc=f"alignment (guidance {settings.guidance})", disable=not progress)
     for start in range(0, len(samples), batch):
-        chunk = samples[start:start + batch]
-        images = pipe.generate([s.caption for s, _ in chunk], seed=seed + start, guidance=settings.guidance,
-                               steps=settings.steps, progress=False)
+        chunk = samples[start : start + batch]
+        images = pipe.generate(
+            [s.caption for s, _ in chunk],
+            seed=seed + start,
+            guidance=settings.guidance,
+            steps=settings.steps,
+            progress=False,
+        )
         for (sample, group), image in zip(chunk, images):
             report.add(group, judge(image, sample.caption))
         bar.update(len(chunk))
@@ -120,8 +143,9 @@ def evaluate_alignment(pipe, num: int = 500, guidance: float | None = None, step
 
 
 @torch.no_grad()
-def reconstruction_alignment(movq, num: int = 500, latent_noise: float = 0.0, seed: int = 0, split: str = "val",
-                             batch: int = 50) -> AlignmentReport:
+def reconstruction_alignment(
+    movq, num: int = 500, latent_noise: float = 0.0, seed: int = 0, split: str = "val", batch: int = 50
+) -> AlignmentReport:
     """The judge on MoVQ round trips of the alignment captions' own renders: the ceiling the autoencoder puts on
     text→image alignment (a decoder that rounds small squares into blobs caps every U-Net). ``latent_noise``
     adds N(0, σ²) to the latents first — how fragile decoding is to a denoiser's small errors."""
@@ -132,7 +156,7 @@ def reconstruction_alignment(movq, num: int = 500, latent_noise: float = 0.0, se
     gen = torch.Generator().manual_seed(seed)
     report = AlignmentReport(guidance=float("nan"), steps=0)
     for start in range(0, len(samples), batch):
-        chunk = samples[start:start + batch]
+        chunk = samples[start : start + batch]
         z = movq.encode(torch.cat([pil_to_tensor(s.image) for s in chunk]).to(p.device, p.dtype))
         if latent_noise:
             z = z + latent_noise * torch.randn(z.shape, generator=gen).to(z)

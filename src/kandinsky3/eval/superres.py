@@ -40,9 +40,11 @@ def evaluate_superres(upscaler, pairs, scale: int, seed: int = 0, fid: bool = Tr
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
     from tqdm.auto import tqdm
 
-    methods = {"model": lambda lr: upscaler.upscale(lr, scale=scale, seed=seed, progress=False),
-               "bicubic": lambda lr: lr.resize((lr.width * scale, lr.height * scale), Image.BICUBIC),
-               "lanczos": lambda lr: lr.resize((lr.width * scale, lr.height * scale), Image.LANCZOS)}
+    methods = {
+        "model": lambda lr: upscaler.upscale(lr, scale=scale, seed=seed, progress=False),
+        "bicubic": lambda lr: lr.resize((lr.width * scale, lr.height * scale), Image.BICUBIC),
+        "lanczos": lambda lr: lr.resize((lr.width * scale, lr.height * scale), Image.LANCZOS),
+    }
     sums = {m: {"psnr": 0.0, "ssim": 0.0, "l1": 0.0} for m in methods}
     outputs = {m: [] for m in methods}
     highs, n = [], 0
@@ -80,7 +82,9 @@ def _fid(outputs, highs, table) -> str:
 
 
 def format_table(table: dict) -> str:
-    lines = [f"{'method':<10}{'PSNR dB':>9}{'SSIM':>8}{'L1':>8}" + ("" if "fid" not in table["model"] else f"{'FID':>8}")]
+    lines = [
+        f"{'method':<10}{'PSNR dB':>9}{'SSIM':>8}{'L1':>8}" + ("" if "fid" not in table["model"] else f"{'FID':>8}")
+    ]
     for m in ("model", "bicubic", "lanczos"):
         r = table[m]
         line = f"{m:<10}{r['psnr']:>9.2f}{r['ssim']:>8.4f}{r['l1']:>8.4f}"

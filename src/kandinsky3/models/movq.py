@@ -1,7 +1,8 @@
 """MoVQ autoencoder (spec §5): encoder, spatially-normalised decoder, no quantiser at inference.
 
 Attribute names follow the official ``kandinsky3/movq.py`` so ``movq.pt`` loads with ``strict=True``.
-Large images are encoded / decoded in tiles (spec §5.4) so memory stays bounded.
+Tiled encode / decode (spec §5.4) bounds memory on large images; it is the KandiSuperRes copy's behaviour and off
+by default, as in the official Kandinsky 3 pipelines, which code and decode any size whole.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from .tiles import tiled_map
 
 @dataclass(frozen=True)
 class MoVQConfig(FrozenConfig):
-    """The official generator config (``get_movq``) plus the KandiSuperRes tiling keys."""
+    """The official generator config (``get_movq``) plus the KandiSuperRes tiling keys (``use_tiling`` off: the K3
+    pipelines never tile; KandiSuperRes asks for tiles explicitly)."""
 
     _tuple_fields = ("ch_mult", "attn_resolutions")
 
@@ -37,7 +39,7 @@ class MoVQConfig(FrozenConfig):
     tile_sample_min_size: int = 1024
     tile_overlap_factor_enc: float = 0.0
     tile_overlap_factor_dec: float = 0.25
-    use_tiling: bool = True
+    use_tiling: bool = False
 
     @property
     def downsample_factor(self) -> int:
@@ -251,29 +253,30 @@ class MoVQ(nn.Module):
         return self.config.tile_sample_min_size // self.config.downsample_factor
 
     def encode(self, x: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
+        """``tiled``: None → the config's ``use_tiling``; tiles are used only where a side exceeds one tile."""
         tile = self.config.tile_sample_min_size
-        if tiled is None:
-            tiled = self.config.use_tiling and max(x.shape[-2:]) > tile
-        if not tiled:
+        tiled = self.config.use_tiling if tiled is None else tiled
+        if not tiled or max(x.shape[-2:]) <= tile:
             return self.encode_untiled(x)
         stride = int(tile * (1 - self.config.tile_overlap_factor_enc))
         keep = int(self.tile_latent_size * (1 - self.config.tile_overlap_factor_enc)) or self.tile_latent_size
         rows = []
         for i in range(0, x.shape[-2], stride):
-            row = [self.encode_untiled(x[..., i:i + tile, j:j + tile])[..., :keep, :keep]
-                   for j in range(0, x.shape[-1], stride)]
+            row = [
+                self.encode_untiled(x[..., i : i + tile, j : j + tile])[..., :keep, :keep]
+                for j in range(0, x.shape[-1], stride)
+            ]
             rows.append(torch.cat(row, dim=-1))
         return torch.cat(rows, dim=-2)
 
     def decode(self, z: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
+        """``tiled``: None → the config's ``use_tiling``; tiles are used only where a side exceeds one tile."""
         tile = self.tile_latent_size
-        if tiled is None:
-            tiled = self.config.use_tiling and max(z.shape[-2:]) > tile
-        if not tiled:
+        tiled = self.config.use_tiling if tiled is None else tiled
+        if not tiled or max(z.shape[-2:]) <= tile:
             return self.decode_untiled(z)
         stride = int(tile * (1 - self.config.tile_overlap_factor_dec))
         return tiled_map(z, self.decode_untiled, tile, stride, self.config.downsample_factor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
-

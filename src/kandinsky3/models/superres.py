@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import FrozenConfig
-from .unet import SinusoidalPosEmb
+from .movq import MoVQ
+from .unet import SinusoidalPosEmb, UNet
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,6 @@ class SuperResUNetConfig(FrozenConfig):
         return 2 ** (len(self.dim_mult) - 1)
 
 
-
 class UpDownResolution(nn.Module):
     """'conv' resampling: Conv2d(k4, s2, p1) down, ConvTranspose2d(k4, s2, p1) up (key ``change_resolution``)."""
 
@@ -51,13 +51,22 @@ class UpDownResolution(nn.Module):
 class Block(nn.Module):
     """GroupNorm → [·(1+scale)+shift] → [SiLU] → [Dropout] → [resample] → Conv3×3."""
 
-    def __init__(self, in_channels, out_channels, groups, activation: bool, dropout: float = 0.0,
-                 up_resolution: bool | None = None):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        groups,
+        activation: bool,
+        dropout: float = 0.0,
+        up_resolution: bool | None = None,
+    ):
         super().__init__()
         self.group_norm = nn.GroupNorm(groups, in_channels)
         self.activation = nn.SiLU() if activation else nn.Identity()
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
-        self.change_resolution = UpDownResolution(in_channels, up_resolution) if up_resolution is not None else nn.Identity()
+        self.change_resolution = (
+            UpDownResolution(in_channels, up_resolution) if up_resolution is not None else nn.Identity()
+        )
         self.projection = nn.Conv2d(in_channels, out_channels, 3, padding=1)
 
     def forward(self, x, scale_shift=None):
@@ -75,9 +84,13 @@ class ResNetBlock(nn.Module):
         self.time_mlp = nn.Sequential(nn.SiLU(), nn.Linear(time_embed_dim, 2 * out_channels))
         self.in_block = Block(in_channels, out_channels, groups, activation=False, up_resolution=up_resolution)
         self.out_block = Block(out_channels, out_channels, groups, activation=True, dropout=dropout)
-        self.change_resolution = UpDownResolution(in_channels, up_resolution) if up_resolution is not None else nn.Identity()
+        self.change_resolution = (
+            UpDownResolution(in_channels, up_resolution) if up_resolution is not None else nn.Identity()
+        )
         resampled = up_resolution is not None
-        self.res_block = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels or resampled else nn.Identity()
+        self.res_block = (
+            nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels or resampled else nn.Identity()
+        )
 
     def forward(self, x, time_embed):
         scale_shift = self.time_mlp(time_embed)[:, :, None, None].chunk(2, dim=1)
@@ -91,8 +104,9 @@ class _Level(nn.Module):
     def __init__(self, pairs, time_embed_dim, groups, dropout, resample_index: int | None, up: bool):
         super().__init__()
         self.resnet_attn_blocks = nn.ModuleList(
-            nn.ModuleList([ResNetBlock(a, b, time_embed_dim, groups, dropout, up if i == resample_index else None),
-                           nn.Identity()])
+            nn.ModuleList(
+                [ResNetBlock(a, b, time_embed_dim, groups, dropout, up if i == resample_index else None), nn.Identity()]
+            )
             for i, (a, b) in enumerate(pairs)
         )
 
@@ -112,8 +126,9 @@ class SuperResUNet(nn.Module):
             config = SuperResUNetConfig(**{**config.to_dict(), **overrides})
         self.config = c = config
         te = c.time_embed_dim
-        self.to_time_embed = nn.Sequential(SinusoidalPosEmb(c.init_channels), nn.Linear(c.init_channels, te), nn.SiLU(),
-                                           nn.Linear(te, te))
+        self.to_time_embed = nn.Sequential(
+            SinusoidalPosEmb(c.init_channels), nn.Linear(c.init_channels, te), nn.SiLU(), nn.Linear(te, te)
+        )
         self.init_conv = nn.Conv2d(2 * c.num_channels, c.init_channels, 3, padding=1)
         hidden = [c.init_channels] + [c.model_channels * m for m in c.dim_mult]
         in_out = list(zip(hidden[:-1], hidden[1:]))
@@ -148,3 +163,32 @@ class SuperResUNet(nn.Module):
                 x = torch.cat([x, skips.pop() / self.config.skip_connect_scale], dim=1)
             x = up(x, time_embed)
         return self.out_conv(F.silu(self.norm(x)))
+
+
+# -- KandiSuperRes Flash refine parts (spec §7.4) ---------------------------------------------------------------
+
+
+@dataclass
+class RefineParts:
+    """Flash refine: the K3 Flash U-Net, the MoVQ, and the (projected, uncropped) empty-prompt context."""
+
+    unet: UNet
+    movq: MoVQ
+    context: torch.Tensor  # (1, L, D)
+    context_mask: torch.Tensor  # (1, L)
+    tile: int = 352
+    stride: int = 264
+    timestep: int = 229
+
+
+def refine_context_from_text_encoder(text_encoder, length: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """The refine context of the reference files, computed: the empty prompt through T5, padding zeroed *before*
+    the projection (so pads hold the LayerNorm bias), uncropped, only position 0 attended."""
+    ids, mask = text_encoder.tokenize([""])
+    with torch.no_grad():
+        hidden = text_encoder.encoder(
+            input_ids=ids.to(text_encoder.device), attention_mask=mask.to(text_encoder.device)
+        ).last_hidden_state
+        hidden = hidden * mask.to(hidden)[..., None]
+        context = text_encoder.projection(hidden.to(text_encoder.projection[0].weight.dtype))
+    return context[:, :length].cpu(), mask[:, :length]

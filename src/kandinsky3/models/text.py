@@ -25,8 +25,14 @@ class TextEncoder(nn.Module):
     None for diffusers-format weights (then the unconditional context is the projection of zeros, fully masked).
     """
 
-    def __init__(self, tokenizer, encoder: nn.Module, projection: nn.Sequential,
-                 null_embedding: torch.Tensor | None = None, max_length: int = TOKENS_LENGTH):
+    def __init__(
+        self,
+        tokenizer,
+        encoder: nn.Module,
+        projection: nn.Sequential,
+        null_embedding: torch.Tensor | None = None,
+        max_length: int = TOKENS_LENGTH,
+    ):
         super().__init__()
         self.tokenizer = tokenizer
         self.encoder = encoder
@@ -53,8 +59,7 @@ class TextEncoder(nn.Module):
         eos = self.tokenizer.eos_token_id
         rows = self.tokenizer(list(texts), max_length=self.max_length, truncation=True)["input_ids"]
         # word-level tokenizers may not append EOS themselves
-        return [ids if eos is None or (ids and ids[-1] == eos) else ids[: self.max_length - 1] + [eos]
-                for ids in rows]
+        return [ids if eos is None or (ids and ids[-1] == eos) else ids[: self.max_length - 1] + [eos] for ids in rows]
 
     def _pad(self, ids: list[int]) -> torch.Tensor:
         pad = self.tokenizer.pad_token_id or 0
@@ -86,6 +91,13 @@ class TextEncoder(nn.Module):
         context = context * mask_dev[..., None].to(context.dtype)  # padding → exactly 0
         return context[:, :length]
 
+    def encode_ids(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and mask from :meth:`tokenize` → (context, mask), cropped to the longest prompt + 1 as
+        :meth:`encode` does, with gradients (training encodes pre-tokenised captions through this)."""
+        length = min(int(mask.sum(1).max()) + 1, ids.shape[1])
+        context = self._encode_ids(ids, mask, length)
+        return context, mask[:, :length].to(context.device)
+
     @torch.no_grad()
     def encode(self, prompts: list[str], negative_prompts: list[str] | None = None):
         """→ (context, mask, neg_context, neg_mask); cropped to the longest prompt + 1 (capped at 128).
@@ -112,15 +124,58 @@ class TextEncoder(nn.Module):
     @torch.no_grad()
     def unconditional(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Null context shaped like ``like`` (B, L, D): ``null_embedding`` at position 0 (the only attended one)."""
+        return self.null_context(like)
+
+    def null_context(self, like: torch.Tensor, null_embedding: torch.Tensor | None = None):
+        """:meth:`unconditional` with gradients: the one null context, for inference and for training's
+        classifier-free-guidance dropout. ``null_embedding`` replaces the stored one (training passes its
+        trainable parameter, so the context stays in the graph)."""
         b, length, _ = like.shape
         mask = torch.zeros(b, length, dtype=torch.long, device=like.device)
-        if self.null_embedding is None:  # diffusers convention: projected zeros, nothing attended
-            zeros = torch.zeros(1, 1, self.projection[0].in_features, device=self.device, dtype=self.projection[0].weight.dtype)
+        embedding = self.null_embedding if null_embedding is None else null_embedding
+        if embedding is None:  # diffusers convention: projected zeros, nothing attended
+            zeros = torch.zeros(
+                1, 1, self.projection[0].in_features, device=self.device, dtype=self.projection[0].weight.dtype
+            )
             return self.projection(zeros).to(like).expand(b, length, -1).clone(), mask
         context = torch.zeros_like(like)
-        context[:, 0] = self.null_embedding.to(like)
+        context[:, 0] = embedding.to(like)
         mask[:, 0] = 1
         return context, mask
+
+
+def new_t5_encoder(
+    vocab_size: int,
+    d_model: int = 128,
+    d_ff: int | None = None,
+    d_kv: int = 32,
+    num_layers: int = 2,
+    num_heads: int | None = None,
+    buckets: int = 16,
+    max_distance: int = 32,
+) -> nn.Module:
+    """An untrained T5 encoder (gated-SiLU, no dropout, pad 0 / EOS 1) of the nano family's shape: ``d_ff``
+    defaults to 2·d_model and ``num_heads`` to d_model / d_kv. Its weights are drawn from the global RNG (build it
+    inside ``models.seeding.drawing_from`` to draw from a generator)."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_ff=d_ff or 2 * d_model,
+        d_kv=d_kv,
+        num_layers=num_layers,
+        num_heads=num_heads or d_model // d_kv,
+        feed_forward_proj="gated-silu",
+        relative_attention_num_buckets=buckets,
+        relative_attention_max_distance=max_distance,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        tie_word_embeddings=False,
+    )
+    return T5EncoderModel(config)
 
 
 def build_word_tokenizer(words: list[str], model_max_length: int = TOKENS_LENGTH):
@@ -138,5 +193,6 @@ def build_word_tokenizer(words: list[str], model_max_length: int = TOKENS_LENGTH
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   model_max_length=model_max_length)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=model_max_length
+    )

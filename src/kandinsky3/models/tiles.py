@@ -26,13 +26,16 @@ def blend_horizontal(left: torch.Tensor, right: torch.Tensor, extent: int) -> to
     return blend_vertical(left.transpose(-1, -2), right.transpose(-1, -2), extent).transpose(-1, -2)
 
 
-def tiled_map(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], tile: int, stride: int,
-              scale: int = 1) -> torch.Tensor:
+def tiled_map(
+    x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], tile: int, stride: int, scale: int = 1
+) -> torch.Tensor:
     """``fn`` on ``tile``-sized tiles every ``stride`` (input units); outputs are ``scale``× larger, blended over
     ``(tile − stride)·scale`` and cropped to ``stride·scale`` before stitching (the reference scheme)."""
     blend, keep = (tile - stride) * scale, stride * scale
-    rows = [[fn(x[..., i:i + tile, j:j + tile]) for j in range(0, x.shape[-1], stride)]
-            for i in range(0, x.shape[-2], stride)]
+    rows = [
+        [fn(x[..., i : i + tile, j : j + tile]) for j in range(0, x.shape[-1], stride)]
+        for i in range(0, x.shape[-2], stride)
+    ]
     out_rows = []
     for r, row in enumerate(rows):
         out_row = []

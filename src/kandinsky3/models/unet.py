@@ -42,9 +42,13 @@ class UNetConfig(FrozenConfig):
         super().__post_init__()
         levels = {len(self.dim_mult), len(self.num_blocks), len(self.add_cross_attention), len(self.add_self_attention)}
         if len(levels) != 1:
-            raise ValueError("dim_mult, num_blocks, add_cross_attention and add_self_attention need one entry per level")
+            raise ValueError(
+                "dim_mult, num_blocks, add_cross_attention and add_self_attention need one entry per level"
+            )
         if min(self.num_blocks) < 2:
-            raise ValueError(f"num_blocks must be ≥ 2 per level (an up level maps in+cat → in → out), got {self.num_blocks}")
+            raise ValueError(
+                f"num_blocks must be ≥ 2 per level (an up level maps in+cat → in → out), got {self.num_blocks}"
+            )
 
     @property
     def resolved_init_channels(self) -> int:
@@ -141,7 +145,9 @@ class Block(nn.Module):
         self.group_norm = ConditionalGroupNorm(norm_groups, in_channels, time_embed_dim)
         self.activation = nn.SiLU()
         self.up_sample = (
-            nn.ConvTranspose2d(in_channels, in_channels, kernel_size=2, stride=2) if up_resolution is True else nn.Identity()
+            nn.ConvTranspose2d(in_channels, in_channels, kernel_size=2, stride=2)
+            if up_resolution is True
+            else nn.Identity()
         )
         self.projection = nn.Conv2d(in_channels, out_channels, kernel_size, padding=int(kernel_size > 1))
         self.down_sample = (
@@ -156,8 +162,15 @@ class Block(nn.Module):
 class ResNetBlock(nn.Module):
     """BigGAN-deep bottleneck: 1×1 → 3×3 → 3×3 → 1×1, optional up/down resampling, unscaled residual sum."""
 
-    def __init__(self, in_channels, out_channels, time_embed_dim, norm_groups=32, compression_ratio=2,
-                 up_resolutions=(None, None, None, None)):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        time_embed_dim,
+        norm_groups=32,
+        compression_ratio=2,
+        up_resolutions=(None, None, None, None),
+    ):
         super().__init__()
         hidden = max(in_channels, out_channels) // compression_ratio
         pairs = [(in_channels, hidden), (hidden, hidden), (hidden, hidden), (hidden, out_channels)]
@@ -167,7 +180,9 @@ class ResNetBlock(nn.Module):
         ups = True in up_resolutions
         downs = False in up_resolutions
         self.shortcut_up_sample = nn.ConvTranspose2d(in_channels, in_channels, 2, stride=2) if ups else nn.Identity()
-        self.shortcut_projection = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.shortcut_projection = (
+            nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        )
         self.shortcut_down_sample = nn.Conv2d(out_channels, out_channels, 2, stride=2) if downs else nn.Identity()
 
     def forward(self, x, time_embed):
@@ -216,22 +231,38 @@ class AttentionBlock(nn.Module):
 
 
 class DownSampleBlock(nn.Module):
-    def __init__(self, in_channels, out_channels, time_embed_dim, context_dim=None, num_blocks=3, groups=32,
-                 head_dim=64, expansion_ratio=4, compression_ratio=2, down_sample=True, self_attention=True):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        time_embed_dim,
+        context_dim=None,
+        num_blocks=3,
+        groups=32,
+        head_dim=64,
+        expansion_ratio=4,
+        compression_ratio=2,
+        down_sample=True,
+        self_attention=True,
+    ):
         super().__init__()
         self.self_attention_block = (
             AttentionBlock(in_channels, time_embed_dim, None, groups, head_dim, expansion_ratio)
-            if self_attention else nn.Identity()
+            if self_attention
+            else nn.Identity()
         )
         patterns = [[None] * 4] * (num_blocks - 1) + [[None, None, False if down_sample else None, None]]
         widths = [(in_channels, out_channels)] + [(out_channels, out_channels)] * (num_blocks - 1)
         self.resnet_attn_blocks = nn.ModuleList(
-            nn.ModuleList([
-                ResNetBlock(a, b, time_embed_dim, groups, compression_ratio),
-                AttentionBlock(b, time_embed_dim, context_dim, groups, head_dim, expansion_ratio)
-                if context_dim is not None else nn.Identity(),
-                ResNetBlock(b, b, time_embed_dim, groups, compression_ratio, pattern),
-            ])
+            nn.ModuleList(
+                [
+                    ResNetBlock(a, b, time_embed_dim, groups, compression_ratio),
+                    AttentionBlock(b, time_embed_dim, context_dim, groups, head_dim, expansion_ratio)
+                    if context_dim is not None
+                    else nn.Identity(),
+                    ResNetBlock(b, b, time_embed_dim, groups, compression_ratio, pattern),
+                ]
+            )
             for (a, b), pattern in zip(widths, patterns)
         )
 
@@ -247,25 +278,44 @@ class DownSampleBlock(nn.Module):
 
 
 class UpSampleBlock(nn.Module):
-    def __init__(self, in_channels, cat_dim, out_channels, time_embed_dim, context_dim=None, num_blocks=3, groups=32,
-                 head_dim=64, expansion_ratio=4, compression_ratio=2, up_sample=True, self_attention=True):
+    def __init__(
+        self,
+        in_channels,
+        cat_dim,
+        out_channels,
+        time_embed_dim,
+        context_dim=None,
+        num_blocks=3,
+        groups=32,
+        head_dim=64,
+        expansion_ratio=4,
+        compression_ratio=2,
+        up_sample=True,
+        self_attention=True,
+    ):
         super().__init__()
         patterns = [[None, True if up_sample else None, None, None]] + [[None] * 4] * (num_blocks - 1)
-        widths = [(in_channels + cat_dim, in_channels)] + [(in_channels, in_channels)] * (num_blocks - 2) + [
-            (in_channels, out_channels)
-        ]
+        widths = (
+            [(in_channels + cat_dim, in_channels)]
+            + [(in_channels, in_channels)] * (num_blocks - 2)
+            + [(in_channels, out_channels)]
+        )
         self.resnet_attn_blocks = nn.ModuleList(
-            nn.ModuleList([
-                ResNetBlock(a, a, time_embed_dim, groups, compression_ratio, pattern),
-                AttentionBlock(a, time_embed_dim, context_dim, groups, head_dim, expansion_ratio)
-                if context_dim is not None else nn.Identity(),
-                ResNetBlock(a, b, time_embed_dim, groups, compression_ratio),
-            ])
+            nn.ModuleList(
+                [
+                    ResNetBlock(a, a, time_embed_dim, groups, compression_ratio, pattern),
+                    AttentionBlock(a, time_embed_dim, context_dim, groups, head_dim, expansion_ratio)
+                    if context_dim is not None
+                    else nn.Identity(),
+                    ResNetBlock(a, b, time_embed_dim, groups, compression_ratio),
+                ]
+            )
             for (a, b), pattern in zip(widths, patterns)
         )
         self.self_attention_block = (
             AttentionBlock(out_channels, time_embed_dim, None, groups, head_dim, expansion_ratio)
-            if self_attention else nn.Identity()
+            if self_attention
+            else nn.Identity()
         )
 
     def forward(self, x, time_embed, context=None, context_mask=None):
@@ -311,8 +361,12 @@ class UNet(nn.Module):
         in_out = list(zip(hidden_dims[:-1], hidden_dims[1:]))
         text_dims = [config.context_dim if a else None for a in config.add_cross_attention]
         levels = len(in_out)
-        common = dict(groups=config.groups, head_dim=config.head_dim, expansion_ratio=config.expansion_ratio,
-                      compression_ratio=config.compression_ratio)
+        common = dict(
+            groups=config.groups,
+            head_dim=config.head_dim,
+            expansion_ratio=config.expansion_ratio,
+            compression_ratio=config.compression_ratio,
+        )
         self.down_samples = nn.ModuleList()
         cat_dims = []
         for level, ((a, b), n, text_dim, self_attn) in enumerate(
@@ -320,16 +374,22 @@ class UNet(nn.Module):
         ):
             last = level == levels - 1
             cat_dims.append(0 if last else b)
-            self.down_samples.append(DownSampleBlock(a, b, te, text_dim, n, down_sample=not last,
-                                                     self_attention=self_attn, **common))
+            self.down_samples.append(
+                DownSampleBlock(a, b, te, text_dim, n, down_sample=not last, self_attention=self_attn, **common)
+            )
         self.up_samples = nn.ModuleList()
         for level, ((b, a), n, text_dim, self_attn) in enumerate(
             zip(reversed(in_out), reversed(config.num_blocks), reversed(text_dims), reversed(config.add_self_attention))
         ):
-            self.up_samples.append(UpSampleBlock(a, cat_dims.pop(), b, te, text_dim, n, up_sample=level != 0,
-                                                 self_attention=self_attn, **common))
+            self.up_samples.append(
+                UpSampleBlock(
+                    a, cat_dims.pop(), b, te, text_dim, n, up_sample=level != 0, self_attention=self_attn, **common
+                )
+            )
         self.out_layer = nn.Sequential(
-            nn.GroupNorm(config.groups, init_channels), nn.SiLU(), nn.Conv2d(init_channels, config.out_channels, 3, padding=1)
+            nn.GroupNorm(config.groups, init_channels),
+            nn.SiLU(),
+            nn.Conv2d(init_channels, config.out_channels, 3, padding=1),
         )
         self.gradient_checkpointing = False  # recompute each level in the backward pass (training memory)
 
@@ -345,7 +405,21 @@ class UNet(nn.Module):
             time_embed = self.feature_pooling(time_embed, context, context_mask, context_lengths)
         return time_embed
 
-    def forward(self, x, time, context=None, context_mask=None, control_residuals=None, context_lengths=None):
+    def forward(
+        self,
+        x,
+        time,
+        context=None,
+        context_mask=None,
+        control_residuals=None,
+        context_lengths=None,
+        extra_channels=None,
+    ):
+        """``extra_channels`` (B, C, h, w) are concatenated after x (inpainting: keep-mask, masked-image latent);
+        ``control_residuals`` are added to the skips (ControlNet); ``context_lengths`` (B,) per-sample pooling
+        lengths for batches of prompts of different lengths."""
+        if extra_channels is not None:
+            x = torch.cat([x, extra_channels], dim=1)
         time_embed = self.time_embedding(time, context, context_mask, context_lengths)
         x = self.in_layer(x)
         skips = []

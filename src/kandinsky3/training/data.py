@@ -1,4 +1,5 @@
-"""Training data: the shapes world, a folder of image + caption files, or webdataset shards."""
+"""Training data: the shapes world, a folder of image + caption files, or webdataset shards; and the order a run
+sees it in (:class:`DataOrder`, part of every checkpoint)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from PIL import Image
 
 from ..images import pil_to_tensor
 from ..world.dataset import ShapesDataset
-from .config import DataConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -50,8 +50,9 @@ class InMemory(torch.utils.data.Dataset):
     def __init__(self, dataset: torch.utils.data.Dataset, num_workers: int = 0):
         from tqdm.auto import tqdm
 
-        chunks = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=num_workers,
-                                             collate_fn=torch.utils.data.default_collate)
+        chunks = torch.utils.data.DataLoader(
+            dataset, batch_size=256, num_workers=num_workers, collate_fn=torch.utils.data.default_collate
+        )
         captions, tensors = [], {}
         for chunk in tqdm(chunks, desc="rendering", leave=False):
             captions += chunk.pop("caption")
@@ -67,7 +68,8 @@ class InMemory(torch.utils.data.Dataset):
         return {"caption": self.captions[i], **{k: v[i] for k, v in self.tensors.items()}}
 
 
-def make_dataset(cfg: DataConfig, extra_sizes: tuple[int, ...] = ()) -> torch.utils.data.Dataset:
+def make_dataset(cfg, extra_sizes: tuple[int, ...] = ()) -> torch.utils.data.Dataset:
+    """The dataset a ``config.DataConfig`` describes (``extra_sizes``: more render sizes of each world scene)."""
     if cfg.source == "world":
         ds = ShapesDataset(cfg.length, cfg.split, cfg.size, extra_sizes)
         return InMemory(ds, cfg.num_workers) if cfg.cache else ds
@@ -81,7 +83,115 @@ def make_dataset(cfg: DataConfig, extra_sizes: tuple[int, ...] = ()) -> torch.ut
         except ImportError as exc:
             raise ImportError("data.source=webdataset needs `pip install webdataset`") from exc
         size = cfg.size
-        return (wds.WebDataset(cfg.path, shardshuffle=True).decode("pil")
-                .to_tuple("jpg;png;webp", "txt")
-                .map(lambda s: {"image": _image_tensor(s[0], size), "caption": s[1]}))
+        return (
+            wds.WebDataset(cfg.path, shardshuffle=True)
+            .decode("pil")
+            .to_tuple("jpg;png;webp", "txt")
+            .map(lambda s: {"image": _image_tensor(s[0], size), "caption": s[1]})
+        )
     raise ValueError(f"unknown data.source {cfg.source!r}: world, folder or webdataset")
+
+
+def _int64_draw(generator: torch.Generator) -> int:
+    return int(torch.empty((), dtype=torch.int64).random_(generator=generator).item())
+
+
+class DataOrder:
+    """Which batches each step trains on, as state a checkpoint holds, so a resumed run continues mid-epoch with
+    exactly the batches an uninterrupted one would have seen.
+
+    Map-style datasets: each epoch starts (when its first batch is asked for) with two int64 draws from the run's
+    CPU generator — the workers' base seed, then the permutation seed — as torch's ``DataLoader`` with a
+    ``RandomSampler`` makes them; the permutation is cut into full batches (``drop_last``), and with ``world_size``
+    processes step ``k`` gives rank ``r`` batch ``k·world_size + r`` (rank 0's seeds are broadcast). State: the
+    epoch, its two seeds and the number of its batches consumed. Iterable datasets (webdataset) are read in their
+    own order; a resume skips the batches already consumed in the current pass.
+    """
+
+    def __init__(
+        self,
+        dataset,
+        batch_size: int,
+        collate,
+        num_workers: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        broadcast=None,
+    ):
+        self.dataset, self.batch_size, self.collate, self.num_workers = dataset, batch_size, collate, num_workers
+        self.rank, self.world_size, self.broadcast = rank, world_size, broadcast
+        self.map_style = not isinstance(dataset, torch.utils.data.IterableDataset)
+        if self.map_style and self.steps_per_epoch == 0:
+            raise ValueError(
+                f"the dataset has {len(dataset)} items, fewer than one batch of {batch_size}"
+                + (f" for each of {world_size} processes" if world_size > 1 else "")
+                + ": lower batch_size or add data"
+            )
+        self.epoch, self.seeds, self.position = -1, None, 0
+        self._batches = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.dataset) // self.batch_size // self.world_size
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "seeds": self.seeds, "position": self.position}
+
+    def load_state_dict(self, state: dict):
+        self.epoch, self.position = state["epoch"], state["position"]
+        self.seeds = None if state["seeds"] is None else [int(s) for s in state["seeds"]]
+        self._batches = None
+
+    def _start_epoch(self, generator: torch.Generator):
+        self.epoch, self.position = self.epoch + 1, 0
+        if not self.map_style:
+            return
+        seeds = [_int64_draw(generator), _int64_draw(generator)]
+        if self.world_size > 1 and self.broadcast is not None:  # every rank cuts the same permutation
+            seeds = [int(s) for s in self.broadcast(torch.tensor(seeds, dtype=torch.int64)).tolist()]
+        self.seeds = seeds
+
+    def _loader(self):
+        if not self.map_style:
+            loader = torch.utils.data.DataLoader(
+                self.dataset,
+                batch_size=self.batch_size,
+                drop_last=True,
+                num_workers=self.num_workers,
+                collate_fn=self.collate,
+            )
+            batches = iter(loader)
+            for _ in range(self.position):  # a resume mid-pass: skip what was consumed
+                next(batches)
+            return batches
+        base_seed, perm_seed = self.seeds
+        n = len(self.dataset)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(perm_seed)).tolist()
+        batches = [order[i * self.batch_size : (i + 1) * self.batch_size] for i in range(n // self.batch_size)]
+        mine = batches[self.rank :: self.world_size][: self.steps_per_epoch]
+        loader = torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=mine[self.position :],
+            num_workers=self.num_workers,
+            collate_fn=self.collate,
+            generator=torch.Generator().manual_seed(base_seed),
+        )
+        return iter(loader)
+
+    def next_batch(self, generator: torch.Generator):
+        """The next batch; at an epoch's end a new epoch starts, drawing its seeds from ``generator``."""
+        if self._batches is None:
+            if self.epoch < 0 or (self.map_style and self.position >= self.steps_per_epoch):
+                self._start_epoch(generator)
+            self._batches = self._loader()
+        try:
+            batch = next(self._batches)
+        except StopIteration:
+            self._batches = None
+            if not self.map_style and self.position == 0:
+                raise ValueError("the dataset yields no full batch") from None
+            self._start_epoch(generator)
+            self._batches = self._loader()
+            batch = next(self._batches)
+        self.position += 1
+        return batch

@@ -39,8 +39,10 @@ def grow_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: s
     own = module.state_dict()
     unexpected = sorted(set(state_dict) - set(own))
     if unexpected:
-        raise CheckpointError(f"{what} has {len(unexpected)} weights the grown model lacks (e.g. {unexpected[:3]}): "
-                              "growing can only add blocks, not remove them")
+        raise CheckpointError(
+            f"{what} has {len(unexpected)} weights the grown model lacks (e.g. {unexpected[:3]}): "
+            "growing can only add blocks, not remove them"
+        )
     load_into(module, state_dict, what, strict=False)
     missing = set(own) - set(state_dict)
     grown, covered = [], set()
@@ -56,6 +58,8 @@ def grow_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: s
         covered |= keys
     if missing - covered:
         rest = sorted(missing - covered)
-        raise CheckpointError(f"{what} lacks {len(rest)} weights that are not in a new attention block or T5 layer "
-                              f"(e.g. {rest[:3]}): only added blocks can start from zero; check the model config")
+        raise CheckpointError(
+            f"{what} lacks {len(rest)} weights that are not in a new attention block or T5 layer "
+            f"(e.g. {rest[:3]}): only added blocks can start from zero; check the model config"
+        )
     return grown

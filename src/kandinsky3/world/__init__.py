@@ -7,6 +7,20 @@ from .render import render
 from .scene import BACKGROUNDS, COLORS, HELD_OUT_PAIRS, POSITIONS, SHAPES, SIZES, Scene, WorldObject, sample_scene
 
 __all__ = [
-    "BACKGROUNDS", "COLORS", "HELD_OUT_PAIRS", "POSITIONS", "SHAPES", "SIZES", "Scene", "ShapesDataset", "WorldObject",
-    "caption_scene", "judge", "parse_caption", "render", "sample_scene", "vocabulary", "world_sample",
+    "BACKGROUNDS",
+    "COLORS",
+    "HELD_OUT_PAIRS",
+    "POSITIONS",
+    "SHAPES",
+    "SIZES",
+    "Scene",
+    "ShapesDataset",
+    "WorldObject",
+    "caption_scene",
+    "judge",
+    "parse_caption",
+    "render",
+    "sample_scene",
+    "vocabulary",
+    "world_sample",
 ]

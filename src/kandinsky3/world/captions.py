@@ -55,8 +55,15 @@ def describe_object(obj: WorldObject, rng: random.Random, p_size: float, p_posit
     return phrase
 
 
-def caption_scene(scene: Scene, rng: random.Random, p_size: float = 0.6, p_position: float = 0.85,
-                  p_color: float = 0.92, p_background: float = 0.7, complete: bool = False) -> str:
+def caption_scene(
+    scene: Scene,
+    rng: random.Random,
+    p_size: float = 0.6,
+    p_position: float = 0.85,
+    p_color: float = 0.92,
+    p_background: float = 0.7,
+    complete: bool = False,
+) -> str:
     """A caption for ``scene``. ``complete=True`` states every colour, shape, position and the background."""
     if complete:
         p_size = p_position = p_color = p_background = 1.0
@@ -80,7 +87,7 @@ def parse_caption(text: str) -> ParsedCaption:
     m = re.search(r"(?:on an?|with an?|over an?|,)\s+(\w+)\s+background", text)
     if m and m.group(1) in BACKGROUNDS:
         background = m.group(1)
-        text = text[:m.start()] + " " + text[m.end():]
+        text = text[: m.start()] + " " + text[m.end() :]
     objects = []
     for chunk in re.split(r"\s(?:and|,)\s", text):
         words = chunk.split()

@@ -24,12 +24,14 @@ class Sample:
     image: Image.Image
 
 
-def world_sample(index: int, split: str = "train", size: int = 64, num_objects: int | None = None,
-                 complete_caption: bool = False) -> Sample:
+def world_sample(
+    index: int, split: str = "train", size: int = 64, num_objects: int | None = None, complete_caption: bool = False
+) -> Sample:
     """Sample ``index`` of a split: the same scene, caption and pixels on every machine."""
     rng = random.Random(SPLIT_SEEDS[split] + index * 7919)
-    scene = sample_scene(rng, num_objects, split="held_out" if split == "held_out" else
-                         ("train" if split == "train" else "any"))
+    scene = sample_scene(
+        rng, num_objects, split="held_out" if split == "held_out" else ("train" if split == "train" else "any")
+    )
     caption = caption_scene(scene, rng, complete=complete_caption)
     return Sample(scene, caption, render(scene, size).image)
 

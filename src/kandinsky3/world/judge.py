@@ -123,18 +123,26 @@ def judge(image: Image.Image, caption: str | ParsedCaption) -> Verdict:
                 continue
             position = _position(region)
             shape, size, _ = _match_shape(region, position)
-            v = ObjectVerdict(stated, True if stated.color else None,
-                              None if stated.shape is None else shape == stated.shape,
-                              None if stated.size is None else size == stated.size,
-                              None if stated.position is None else position == stated.position)
+            v = ObjectVerdict(
+                stated,
+                True if stated.color else None,
+                None if stated.shape is None else shape == stated.shape,
+                None if stated.size is None else size == stated.size,
+                None if stated.position is None else position == stated.position,
+            )
             score = sum(x is True for x in (v.shape, v.size, v.position))
             if best is None or score > best[0]:
                 best = (score, v)
         if best is None:
-            verdicts.append(ObjectVerdict(stated, False if stated.color else None,
-                                          None if stated.shape is None else False,
-                                          None if stated.size is None else False,
-                                          None if stated.position is None else False))
+            verdicts.append(
+                ObjectVerdict(
+                    stated,
+                    False if stated.color else None,
+                    None if stated.shape is None else False,
+                    None if stated.size is None else False,
+                    None if stated.position is None else False,
+                )
+            )
         else:
             verdicts.append(best[1])
     bg_ok = None if parsed.background is None else parsed.background == background

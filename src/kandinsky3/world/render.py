@@ -22,8 +22,11 @@ def shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[floa
         return [(cx - s, cy - s), (cx + s, cy - s), (cx + s, cy + s), (cx - s, cy + s)]
     if shape == "triangle":
         h = r * 1.05
-        return [(cx, cy - h), (cx + h * math.sin(math.radians(60)), cy + h * 0.5 + r * 0.1),
-                (cx - h * math.sin(math.radians(60)), cy + h * 0.5 + r * 0.1)]
+        return [
+            (cx, cy - h),
+            (cx + h * math.sin(math.radians(60)), cy + h * 0.5 + r * 0.1),
+            (cx - h * math.sin(math.radians(60)), cy + h * 0.5 + r * 0.1),
+        ]
     if shape == "star":
         points = []
         for k in range(10):

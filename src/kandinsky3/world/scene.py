@@ -6,8 +6,14 @@ import random
 from dataclasses import asdict, dataclass
 
 COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40), "orange": (245, 140, 20), "yellow": (240, 220, 40), "green": (40, 170, 60),
-    "blue": (40, 80, 220), "purple": (140, 60, 200), "white": (245, 245, 245), "black": (20, 20, 20),
+    "red": (220, 40, 40),
+    "orange": (245, 140, 20),
+    "yellow": (240, 220, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "purple": (140, 60, 200),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
 }
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {**COLORS, "gray": (128, 128, 128)}
 SHAPES = ("circle", "square", "triangle", "star")

@@ -1,12 +1,30 @@
-"""What every recipe shares: the dataset, batching, sample grids."""
+"""The recipe protocol (docs/training.md, "The training step protocol") and what every recipe shares.
+
+A recipe declares:
+
+- ``Params`` — the dataclass of its ``model:`` section (typed; unknown keys are errors);
+- ``modules`` — its trainable modules by name (each prepared by accelerate; the first one's weights are the
+  checkpoint's ``model.safetensors``), built in ``__init__`` inside ``drawing_from(rng.cpu)``;
+- ``parameter_groups()`` — named lists of trainable parameters;
+- ``optimizers()`` — named :class:`OptimizerSpec` s, each over some of those groups;
+- ``losses`` — loss name → the optimizer it steps, in the order the loop steps them;
+- ``ema_modules`` — which modules keep an exponential moving average (None: all of them);
+- ``prepare(batch, ctx)`` and ``step(modules, batch, ctx)`` — ``step`` yields ``(loss name, loss)`` pairs (or
+  returns a ``{name: loss}`` dict): the loop back-propagates each loss into its optimizer's parameters, clips,
+  steps that optimizer and its schedule, before it asks for the next loss;
+- ``sample_grid(modules)`` and ``export(modules, path)`` — on the EMA modules where there are any.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from PIL import Image
 
-from ..config import TrainConfig
 from ..data import make_dataset
+from ..protocol import OptimizerSpec, RandomStreams, StepContext
 
 
 def default_collate(items: list[dict]) -> dict:
@@ -26,24 +44,50 @@ def image_grid(rows: list[list[Image.Image]]) -> Image.Image:
     return grid
 
 
+@dataclass
+class NoParams:
+    """A recipe without a ``model:`` section."""
+
+
 class Recipe:
+    Params: ClassVar[type] = NoParams
+    losses: ClassVar[dict[str, str]] = {"loss": "main"}
+    ema_modules: ClassVar[tuple[str, ...] | None] = None
     extra_sizes: tuple[int, ...] = ()
 
-    def __init__(self, cfg: TrainConfig, device):
-        self.cfg, self.device = cfg, device
-        self.dataset = make_dataset(cfg.data, self.extra_sizes)
+    def __init__(self, cfg, device, rng: RandomStreams):
+        """``cfg``: the run's ``TrainConfig`` (``cfg.model`` is an instance of ``Params``)."""
+        self.cfg, self.params, self.device = cfg, cfg.model, torch.device(device)
+        self.dataset = self.make_dataset()
         self.collate = default_collate
+        self.modules: dict[str, torch.nn.Module] = {}
 
-    trainable: torch.nn.Module
+    def make_dataset(self) -> torch.utils.data.Dataset:
+        return make_dataset(self.cfg.data, self.extra_sizes)
 
-    def prepare(self, batch: dict) -> dict:
+    def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
+        """Default: one group, every parameter of every module that requires a gradient."""
+        return {"trainable": [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]}
+
+    def optimizers(self) -> dict[str, OptimizerSpec]:
+        """Default: one AdamW, ``main``, over every group, at the config's ``lr`` and ``weight_decay``."""
+        return {
+            "main": OptimizerSpec(
+                tuple(self.parameter_groups()), lr=self.cfg.lr, betas=(0.9, 0.99), weight_decay=self.cfg.weight_decay
+            )
+        }
+
+    def prepare(self, batch: dict, ctx: StepContext) -> dict:
         return batch
+
+    def step(self, modules: dict[str, torch.nn.Module], batch: dict, ctx: StepContext):
+        raise NotImplementedError
 
     def enable_gradient_checkpointing(self):
         raise NotImplementedError(f"{type(self).__name__} has no gradient checkpointing")
 
-    def sample_grid(self, module) -> Image.Image | None:
+    def sample_grid(self, modules: dict[str, torch.nn.Module]) -> Image.Image | None:
         return None
 
-    def export(self, module, path):
+    def export(self, modules: dict[str, torch.nn.Module], path):
         raise NotImplementedError

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,7 +17,9 @@ from torch import nn
 from ...checkpoints.io import load_file, load_into, save_safetensors
 from ...checkpoints.loading import Components, parse_dtype, save_components
 from ...diffusion import NoiseSchedule
-from ...models.text import TextEncoder, build_word_tokenizer, make_projection
+from ...models.config import ConfigError
+from ...models.seeding import drawing_from
+from ...models.text import TextEncoder, build_word_tokenizer, make_projection, new_t5_encoder
 from ...models.unet import UNet, UNetConfig
 from ...registry import SamplerDefaults, Variant
 from ..growth import grow_into
@@ -31,25 +34,70 @@ SAMPLE_PROMPTS = [
 ]
 
 
-def build_text_encoder(spec: dict, context_dim: int) -> tuple[object, nn.Module]:
-    """Tokenizer + T5 encoder from a recipe's ``text_encoder`` section (a fresh tiny T5, or a pretrained path)."""
-    from transformers import AutoTokenizer, T5Config, T5EncoderModel
+@dataclass
+class TextEncoderParams:
+    """``model.text_encoder:`` — a fresh T5 encoder on the shapes world's word vocabulary (``models.text.
+    new_t5_encoder``: d_ff defaults to 2·d_model, num_heads to d_model / d_kv), or a pretrained one."""
 
-    if spec.get("pretrained"):
-        return AutoTokenizer.from_pretrained(spec["pretrained"]), T5EncoderModel.from_pretrained(spec["pretrained"])
-    if spec.get("tokenizer", "world") != "world":
-        raise ValueError("text_encoder.tokenizer must be 'world' (or give text_encoder.pretrained)")
-    from ...world import vocabulary
+    pretrained: str | None = None  # a T5 (encoder) folder or hub id, e.g. the FLAN-UL2 encoder
+    tokenizer: str = "world"
+    d_model: int = 128
+    d_ff: int | None = None
+    d_kv: int = 32
+    num_layers: int = 2
+    num_heads: int | None = None
+    buckets: int = 16
+    max_distance: int = 32
 
-    tokenizer = build_word_tokenizer(vocabulary())
-    d_model = spec.get("d_model", 128)
-    config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_ff=spec.get("d_ff", 2 * d_model),
-                      d_kv=spec.get("d_kv", 32), num_layers=spec.get("num_layers", 2),
-                      num_heads=spec.get("num_heads", d_model // spec.get("d_kv", 32)),
-                      feed_forward_proj="gated-silu", relative_attention_num_buckets=spec.get("buckets", 16),
-                      relative_attention_max_distance=spec.get("max_distance", 32), dropout_rate=0.0,
-                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, tie_word_embeddings=False)
-    return tokenizer, T5EncoderModel(config)
+
+@dataclass
+class DiffusionParams:
+    """``model:`` of the diffusion recipe."""
+
+    movq: str  # the frozen MoVQ: a movq export or a native model folder (e.g. src/kandinsky3/weights/nano)
+    name: str = "custom"
+    description: str = "trained with kandinsky3 train"
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    text_encoder: TextEncoderParams = field(default_factory=TextEncoderParams)
+    train_text_encoder: bool = True
+    min_snr_gamma: float | None = None  # Min-SNR-γ loss weighting
+    cfg_dropout: float = 0.1  # fraction of captions replaced by the null context
+    init: str | None = None  # a run's model.safetensors or output folder, or an exported model (name or folder)
+    grow: bool = False  # with init: the config adds blocks to the init model; they start as identities
+    sampler: SamplerDefaults = field(default_factory=SamplerDefaults)  # the exported model's sampling defaults
+    export_dtype: str | None = None  # e.g. fp16: cast the exported weights
+
+    def validate(self, cfg):
+        if not 0 <= self.cfg_dropout <= 1:
+            raise ConfigError(f"model.cfg_dropout must be in [0, 1], got {self.cfg_dropout}")
+        if self.text_encoder.pretrained is None and self.text_encoder.tokenizer != "world":
+            raise ConfigError("model.text_encoder.tokenizer must be 'world' (or give model.text_encoder.pretrained)")
+        if self.grow and not self.init:
+            raise ConfigError("model.grow needs model.init (the smaller model to grow from)")
+
+
+def new_text_encoder(spec: TextEncoderParams, context_dim: int) -> TextEncoder:
+    """A trainable ``TextEncoder``: tokenizer + T5 (fresh, or ``spec.pretrained``) + a fresh projection; no null
+    embedding (the trainable keeps it as a parameter and passes it to ``TextEncoder.null_context``)."""
+    if spec.pretrained:
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        tokenizer, t5 = AutoTokenizer.from_pretrained(spec.pretrained), T5EncoderModel.from_pretrained(spec.pretrained)
+    else:
+        from ...world import vocabulary
+
+        tokenizer = build_word_tokenizer(vocabulary())
+        t5 = new_t5_encoder(
+            len(tokenizer),
+            spec.d_model,
+            spec.d_ff,
+            spec.d_kv,
+            spec.num_layers,
+            spec.num_heads,
+            spec.buckets,
+            spec.max_distance,
+        )
+    return TextEncoder(tokenizer, t5, make_projection(t5.config.d_model, context_dim), None)
 
 
 class DiffusionTrainable(nn.Module):
@@ -60,22 +108,20 @@ class DiffusionTrainable(nn.Module):
         self.text.encoder.requires_grad_(train_text_encoder)
         self.schedule = NoiseSchedule.named("cosine")
 
-    def forward(self, batch):
+    def forward(self, batch, generator: torch.Generator):
+        """ε-MSE at a uniform timestep; ``generator`` (on the batch's device) draws the timestep and the noise."""
         ids, mask, latents, drop = batch["ids"], batch["mask"], batch["latents"], batch["drop"]
-        length = int(mask.sum(1).max()) + 1
-        context = self.text._encode_ids(ids, mask, min(length, ids.shape[1]))
-        mask = mask[:, : context.shape[1]]
-        lengths = (mask.sum(1) + 1).clamp(max=ids.shape[1])
-        # classifier-free guidance dropout → the official null context (always in the graph, so DDP sees the
-        # null embedding used on every step)
-        null = torch.zeros_like(context)
-        null[:, 0] = self.null_embedding.to(context.dtype)
-        null_mask = torch.zeros_like(mask)
-        null_mask[:, 0] = 1
+        context, mask = self.text.encode_ids(ids, mask)
+        lengths = (mask.sum(1) + 1).clamp(max=ids.shape[1])  # each caption's own crop length, as inference
+        # classifier-free guidance dropout → the null context inference uses (always in the graph, so DDP sees
+        # the null embedding used on every step)
+        null, null_mask = self.text.null_context(context, self.null_embedding)
         context = torch.where(drop[:, None, None], null, context)
         mask = torch.where(drop[:, None], null_mask, mask)
-        t = torch.randint(0, self.schedule.num_timesteps, (latents.shape[0],), device=latents.device)
-        noise = torch.randn_like(latents)
+        t = torch.randint(
+            0, self.schedule.num_timesteps, (latents.shape[0],), device=latents.device, generator=generator
+        )
+        noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype, generator=generator)
         x_t = self.schedule.q_sample(latents, t, noise)
         eps = self.unet(x_t, t.float(), context, mask, None, lengths)
         loss = (eps.float() - noise).square().mean(dim=(1, 2, 3))
@@ -92,10 +138,15 @@ def min_snr_weight(abar: torch.Tensor, gamma: float) -> torch.Tensor:
 
 
 def initial_weights(init: str) -> dict[str, torch.Tensor]:
-    """A training run's ``model.safetensors``, or a whole exported model (a registered name such as ``nano`` or
-    a native folder) as the trainable's state dict, so a fine-tune can start from the committed weights."""
+    """The trainable's state dict from ``init``: a run's ``model.safetensors``, a run's output folder (its newest
+    complete checkpoint), or a whole exported model (a registered name such as ``nano`` or a native folder), so a
+    fine-tune can start from the committed weights."""
     if Path(init).is_file():
         return load_file(init)
+    if (Path(init) / "checkpoints").is_dir():
+        from ..checkpointing import checkpoint_weights
+
+        return load_file(checkpoint_weights(init))
     from ...checkpoints.loading import load_components
 
     components = load_components(init)
@@ -108,27 +159,35 @@ def initial_weights(init: str) -> dict[str, torch.Tensor]:
 
 
 class DiffusionRecipe(Recipe):
-    def __init__(self, cfg, device):
-        super().__init__(cfg, device)
-        m = cfg.model
-        self.unet_config = UNetConfig.from_dict(m.get("unet", {}))
-        self.movq = load_movq_export(m["movq"]).to(device)
-        torch.manual_seed(cfg.seed)
-        tokenizer, t5 = build_text_encoder(m.get("text_encoder", {}), self.unet_config.context_dim)
-        projection = make_projection(t5.config.d_model, self.unet_config.context_dim)
-        text = TextEncoder(tokenizer, t5, projection, None)
-        self.trainable = DiffusionTrainable(UNet(self.unet_config), text, m.get("train_text_encoder", True),
-                                            m.get("min_snr_gamma"))
-        if m.get("init"):  # start from other weights (e.g. to adapt a U-Net to a fine-tuned MoVQ)
-            weights, what = initial_weights(m["init"]), f"diffusion weights in {m['init']}"
-            if m.get("grow"):  # the config adds attention blocks / T5 layers: they start as identities
+    Params = DiffusionParams
+
+    def __init__(self, cfg, device, rng):
+        super().__init__(cfg, device, rng)
+        m = self.params
+        self.unet_config = m.unet
+        self.movq = load_movq_export(m.movq).to(device)
+        with drawing_from(rng.cpu):
+            text = new_text_encoder(m.text_encoder, self.unet_config.context_dim)
+            self.trainable = DiffusionTrainable(UNet(self.unet_config), text, m.train_text_encoder, m.min_snr_gamma)
+        if m.init:  # start from other weights (e.g. to adapt a U-Net to a fine-tuned MoVQ)
+            weights, what = initial_weights(m.init), f"diffusion weights in {m.init}"
+            if m.grow:  # the config adds attention blocks / T5 layers: they start as identities
                 grown = grow_into(self.trainable, weights, what)
-                print(f"grown from {m['init']}: {len(grown)} new blocks start as identities")
+                print(f"grown from {m.init}: {len(grown)} new blocks start as identities")
             else:
                 load_into(self.trainable, weights, what)
-        self.variant = Variant(m.get("name", "custom"), m.get("description", "trained with kandinsky3 train"),
-                               self.unet_config, self.movq.config, SamplerDefaults(**m.get("sampler", {})),
-                               size=cfg.data.size, hub_repo=None, movq_file=None, text_encoder_dir=None)
+        self.modules = {"model": self.trainable}
+        self.variant = Variant(
+            m.name,
+            m.description,
+            self.unet_config,
+            self.movq.config,
+            m.sampler,
+            size=cfg.data.size,
+            hub_repo=None,
+            movq_file=None,
+            text_encoder_dir=None,
+        )
         self._cache_latents()
 
     @torch.no_grad()
@@ -151,22 +210,30 @@ class DiffusionRecipe(Recipe):
         if cache.is_file():
             tensors["latents"] = load_file(cache)["latents"]
             return
-        tensors["latents"] = torch.cat([self.movq.encode_untiled(chunk.to(self.device)).cpu()
-                                        for chunk in images.split(256)])
+        tensors["latents"] = torch.cat(
+            [self.movq.encode_untiled(chunk.to(self.device)).cpu() for chunk in images.split(256)]
+        )
         if int(os.environ.get("RANK", "0")) == 0:
             save_safetensors({"latents": tensors["latents"]}, cache)
 
-    def prepare(self, batch):
-        text = self.trainable.text if not hasattr(self.trainable, "module") else self.trainable.module.text
+    def prepare(self, batch, ctx):
+        text = self.trainable.text
         ids, mask = (batch["ids"], batch["mask"]) if "ids" in batch else text.tokenize(batch["caption"])
         if "latents" in batch:
             latents = batch["latents"].to(self.device)
         else:
             with torch.no_grad():
                 latents = self.movq.encode(batch["image"].to(self.device)).float()
-        drop = torch.rand(len(batch["caption"])) < self.cfg.cfg_dropout
-        return {"ids": ids.to(self.device), "mask": mask.to(self.device), "latents": latents,
-                "drop": drop.to(self.device)}
+        drop = torch.rand(len(batch["caption"]), generator=ctx.generator("cpu")) < self.params.cfg_dropout
+        return {
+            "ids": ids.to(self.device),
+            "mask": mask.to(self.device),
+            "latents": latents,
+            "drop": drop.to(self.device),
+        }
+
+    def step(self, modules, batch, ctx):
+        return {"loss": modules["model"](batch, ctx.generator(self.device))}
 
     def enable_gradient_checkpointing(self):
         self.trainable.unet.gradient_checkpointing = True
@@ -174,23 +241,27 @@ class DiffusionRecipe(Recipe):
     def pipeline(self, module):
         from ...pipeline import Kandinsky3
 
-        text = TextEncoder(module.text.tokenizer, module.text.encoder, module.text.projection,
-                           module.null_embedding.detach())
+        text = TextEncoder(
+            module.text.tokenizer, module.text.encoder, module.text.projection, module.null_embedding.detach()
+        )
         return Kandinsky3(Components(self.variant, module.unet, self.movq, text), device=self.device)
 
     @torch.no_grad()
-    def sample_grid(self, module):
+    def sample_grid(self, modules):
+        module = modules["model"]
         was_training = module.training
         module.eval()
         pipe = self.pipeline(module)
-        rows = [pipe.generate(SAMPLE_PROMPTS, seed=0, steps=25, progress=False),
-                pipe.generate(SAMPLE_PROMPTS, seed=1, steps=25, progress=False)]
+        rows = [
+            pipe.generate(SAMPLE_PROMPTS, seed=0, steps=25, progress=False),
+            pipe.generate(SAMPLE_PROMPTS, seed=1, steps=25, progress=False),
+        ]
         module.train(was_training)
         return image_grid(rows)
 
-    def export(self, module, path):
+    def export(self, modules, path):
+        module = modules["model"]
         module.eval()
         pipe = self.pipeline(module)
-        dtype = parse_dtype(self.cfg.model.get("export_dtype"), None)  # fp16 keeps the committed nano small
-        save_components(Components(self.variant, pipe.unet, pipe.movq, pipe.text_encoder), Path(path), "native",
-                        dtype)
+        dtype = parse_dtype(self.params.export_dtype, None)  # fp16 keeps the committed nano small
+        save_components(Components(self.variant, pipe.unet, pipe.movq, pipe.text_encoder), Path(path), "native", dtype)

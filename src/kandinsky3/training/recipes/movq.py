@@ -9,6 +9,7 @@ errors."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,7 +18,20 @@ import torch.nn.functional as F
 from ...checkpoints.io import save_json, save_safetensors
 from ...images import tensor_to_pil
 from ...models.movq import MoVQ, MoVQConfig
+from ...models.seeding import drawing_from
 from .base import Recipe, image_grid
+
+
+@dataclass
+class MoVQParams:
+    """``model:`` of the movq recipe."""
+
+    movq: MoVQConfig = field(default_factory=MoVQConfig)  # the autoencoder to train from scratch (unless init)
+    init: str | None = None  # start from an exported MoVQ (a movq export or a native model folder)
+    mse_weight: float = 1.0  # loss = L1 + mse_weight · MSE
+    edge_weight: float = 0.0  # per-pixel loss × (1 + edge_weight) within 2 px of a colour change
+    latent_noise: float = 0.0  # decode z + s·ε, s ~ U(0, latent_noise) per sample
+    train_encoder: bool = True  # false: only the decoder (and post_quant_conv) trains; the latent space stays
 
 
 def edge_map(x: torch.Tensor, radius: int = 2) -> torch.Tensor:
@@ -29,8 +43,14 @@ def edge_map(x: torch.Tensor, radius: int = 2) -> torch.Tensor:
 
 
 class MoVQTrainable(torch.nn.Module):
-    def __init__(self, movq: MoVQ, mse_weight: float, edge_weight: float = 0.0, latent_noise: float = 0.0,
-                 train_encoder: bool = True):
+    def __init__(
+        self,
+        movq: MoVQ,
+        mse_weight: float,
+        edge_weight: float = 0.0,
+        latent_noise: float = 0.0,
+        train_encoder: bool = True,
+    ):
         super().__init__()
         self.movq, self.mse_weight = movq, mse_weight
         self.edge_weight, self.latent_noise, self.train_encoder = edge_weight, latent_noise, train_encoder
@@ -38,14 +58,17 @@ class MoVQTrainable(torch.nn.Module):
             movq.encoder.requires_grad_(False)
             movq.quant_conv.requires_grad_(False)
 
-    def forward(self, batch):
+    def forward(self, batch, generator: torch.Generator | None = None):
+        """The reconstruction loss; ``generator`` (on the batch's device) draws the latent noise."""
         x = batch["image"]
         with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
             z = self.movq.encode_untiled(x)
         if self.latent_noise and self.training:
+            if generator is None:
+                raise ValueError("latent_noise needs a generator (the run's random stream)")
             # per-sample noise level in [0, latent_noise]: clean latents stay in the mix
-            sigma = torch.rand(z.shape[0], 1, 1, 1, device=z.device) * self.latent_noise
-            z = z + sigma * torch.randn_like(z)
+            sigma = torch.rand(z.shape[0], 1, 1, 1, device=z.device, generator=generator) * self.latent_noise
+            z = z + sigma * torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=generator)
         recon = self.movq.decode_untiled(z)
         err = (recon - x).abs() + self.mse_weight * (recon - x).square()
         if self.edge_weight:
@@ -54,34 +77,41 @@ class MoVQTrainable(torch.nn.Module):
 
 
 class MoVQRecipe(Recipe):
-    def __init__(self, cfg, device):
-        super().__init__(cfg, device)
-        m = cfg.model
-        torch.manual_seed(cfg.seed)
-        if m.get("init"):  # start from an exported MoVQ (e.g. to fine-tune its decoder)
-            movq = load_movq_export(m["init"]).requires_grad_(True).train()
-            self.movq_config = movq.config
-        else:
-            self.movq_config = MoVQConfig.from_dict(dict(m.get("movq", {})))
-            movq = MoVQ(self.movq_config)
-        self.trainable = MoVQTrainable(movq, m.get("mse_weight", 1.0), m.get("edge_weight", 0.0),
-                                       m.get("latent_noise", 0.0), m.get("train_encoder", True))
-        self.preview = torch.stack([self.dataset[i]["image"] for i in range(8)])
+    Params = MoVQParams
 
-    def prepare(self, batch):
+    def __init__(self, cfg, device, rng):
+        super().__init__(cfg, device, rng)
+        m = self.params
+        with drawing_from(rng.cpu):
+            if m.init:  # start from an exported MoVQ (e.g. to fine-tune its decoder)
+                movq = load_movq_export(m.init).requires_grad_(True).train()
+                self.movq_config = movq.config
+            else:
+                self.movq_config = m.movq
+                movq = MoVQ(self.movq_config)
+        self.trainable = MoVQTrainable(movq, m.mse_weight, m.edge_weight, m.latent_noise, m.train_encoder)
+        self.modules = {"model": self.trainable}
+        self.preview = torch.stack([self.dataset[i]["image"] for i in range(min(8, len(self.dataset)))])
+
+    def prepare(self, batch, ctx):
         return {"image": batch["image"].to(self.device)}
 
+    def step(self, modules, batch, ctx):
+        return {"loss": modules["model"](batch, ctx.generator(self.device))}
+
     @torch.no_grad()
-    def sample_grid(self, module):
+    def sample_grid(self, modules):
+        module = modules["model"]
+        was_training = module.training
         module.eval()
         x = self.preview.to(next(module.parameters()).device)
         recon = module.movq.decode_untiled(module.movq.encode_untiled(x))
-        module.train()
+        module.train(was_training)
         return image_grid([tensor_to_pil(x), tensor_to_pil(recon)])
 
-    def export(self, module, path):
+    def export(self, modules, path):
         path = Path(path)
-        save_safetensors(module.movq.state_dict(), path / "movq.safetensors")
+        save_safetensors(modules["model"].movq.state_dict(), path / "movq.safetensors")
         save_json({"movq": self.movq_config.to_dict()}, path / "movq.json")
 
 

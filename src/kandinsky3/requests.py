@@ -1,0 +1,224 @@
+"""Requests: one frozen dataclass per task, the single description of its arguments.
+
+The Python API takes them (``Kandinsky3.run(request)``; ``generate`` / ``edit`` / … build one), the CLI derives its
+subcommands' options from their fields (names, types, defaults, help: ``cli.py``), and a service can derive its
+schemas from them. Validation that needs no model lives here, once: a request that constructs is well-formed.
+Checks that need the model (size multiples, the mask against the image) happen when the request is planned.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, ClassVar
+
+from .diffusion.sampling import SAMPLERS
+from .images import PIXEL_ROUNDING
+from .registry import Variant
+
+DEFAULT_GUIDANCE = 3.0  # the official T2I w, used when a Flash variant is run with a guided sampler
+MAX_SEED = 2**63 - 1
+
+
+def option(help: str, **cli) -> dict:
+    """Field metadata: the help text, plus argparse extras (``positional``, ``choices``, ``nargs``, ``const``)."""
+    return {"help": help, "cli": cli}
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationSettings:
+    """Sampling settings shared by every task; ``None`` means "the variant's default" (see :meth:`resolve`).
+
+    These fields (not the task's own inputs) are what every image's PNG metadata records."""
+
+    steps: int | None = field(default=None, metadata=option("denoising steps (default: the model's; 4 for Flash)"))
+    guidance: float | None = field(
+        default=None,
+        metadata=option("guidance weight w: ε = (w+1)·ε_cond − w·ε_uncond; 0 disables guidance (default: the model's)"),
+    )
+    width: int | None = field(default=None, metadata=option("pixels, a multiple of 64 (default: the model's size)"))
+    height: int | None = field(default=None, metadata=option("pixels, a multiple of 64 (default: the model's size)"))
+    num_images: int = field(default=1, metadata=option("images per prompt"))
+    seed: int | list[int] | None = field(
+        default=None,
+        metadata=option(
+            "random seed (default: random, stored in the PNG); several seeds: one per image, so image k can be "
+            "regenerated alone",
+            nargs="+",
+        ),
+    )
+    sampler: str | None = field(
+        default=None,
+        metadata=option(
+            "k3 (official DDIM-η), flash (4 re-noised steps), or a diffusers scheduler (default: the model's)",
+            choices=tuple(SAMPLERS),
+        ),
+    )
+    eta: float | None = field(default=None, metadata=option("k3 sampler: η scales the step variance (default 1)"))
+    threshold_percentile: float | None = field(
+        default=None,
+        metadata=option("k3 sampler: dynamic-thresholding percentile in (0, 1] (default: the model's, 0.99)"),
+    )
+    strength: float = field(default=1.0, metadata=option("how much of the schedule is run: 0 < s ≤ 1"))
+    pixel_rounding: str = field(
+        default="truncate",
+        metadata=option(
+            "float → 8 bit: truncate (the official K3 conversion, bit-identical PNGs) or round (as diffusers)",
+            choices=PIXEL_ROUNDING,
+        ),
+    )
+
+    #: request fields that are not inputs of this task (fixed at their default; no CLI option)
+    fixed: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        def number(name, value, low=None, high=None, low_open=False):
+            if value is None:
+                return
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            if low is not None and (value <= low if low_open else value < low):
+                raise ValueError(f"{name} must be {'>' if low_open else '≥'} {low}, got {value}")
+            if high is not None and value > high:
+                raise ValueError(f"{name} must be ≤ {high}, got {value}")
+
+        for name in ("steps", "num_images", "width", "height"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive whole number, got {value!r}")
+        number("guidance", self.guidance, 0)
+        number("eta", self.eta, 0)
+        number("threshold_percentile", self.threshold_percentile, 0, 1, low_open=True)
+        number("strength", self.strength, 0, 1, low_open=True)
+        seeds = self.seed if isinstance(self.seed, (list, tuple)) else [] if self.seed is None else [self.seed]
+        if isinstance(self.seed, (list, tuple)) and not seeds:
+            raise ValueError("seed: give at least one seed, or none for a random one")
+        for s in seeds:
+            if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
+                raise ValueError(f"seed must be a whole number from 0 to {MAX_SEED}, got {s!r}")
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if self.pixel_rounding not in PIXEL_ROUNDING:
+            raise ValueError(f"pixel_rounding must be one of {', '.join(PIXEL_ROUNDING)}, got {self.pixel_rounding!r}")
+        for name in self.fixed:
+            default = type(self).__dataclass_fields__[name].default
+            if getattr(self, name) != default:
+                raise ValueError(f"{name} is not a setting of {type(self).__name__} (it is fixed at {default!r})")
+
+    def resolve(self, variant: Variant) -> "GenerationSettings":
+        """Fill every ``None`` with the variant's default (the defaults of another sampler where one is chosen)."""
+        d = variant.sampler
+        sampler = self.sampler or d.kind
+        if not SAMPLERS[sampler].guided:
+            guidance = 0.0
+        else:
+            guidance = d.guidance if SAMPLERS[d.kind].guided else DEFAULT_GUIDANCE
+        return replace(
+            self,
+            steps=self.steps
+            if self.steps is not None
+            else (d.steps if sampler == d.kind else SAMPLERS[sampler].default_steps),
+            guidance=self.guidance if self.guidance is not None else guidance,
+            width=self.width or variant.size,
+            height=self.height or variant.size,
+            sampler=sampler,
+            eta=self.eta if self.eta is not None else d.eta,
+            threshold_percentile=self.threshold_percentile
+            if self.threshold_percentile is not None
+            else d.threshold_percentile,
+        )
+
+    def to_dict(self) -> dict:
+        """The shared settings only (what the PNG metadata records), not the task's inputs."""
+        return {f.name: getattr(self, f.name) for f in fields(GenerationSettings)}
+
+    @classmethod
+    def task_fields(cls) -> list:
+        """The fields a caller sets for this task: every field but the ``fixed`` ones."""
+        return [f for f in fields(cls) if f.name not in cls.fixed]
+
+
+IMAGE = option("input image (path, PIL image or array)", positional=True)
+PROMPT = option("the prompt (empty: unconditional)", positional=True, nargs="?")
+NEGATIVE = option("negative prompt (replaces the unconditional branch)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextToImage(GenerationSettings):
+    """Text → image."""
+
+    command: ClassVar[str] = "generate"
+    fixed: ClassVar[tuple[str, ...]] = ("strength",)
+
+    prompt: str | list[str] = field(default="", metadata=PROMPT)
+    negative_prompt: str | list[str] | None = field(default=None, metadata=NEGATIVE)
+    beautify: Any = field(
+        default=None,
+        metadata=option(
+            "expand the prompt first: template (shapes world), local (an LLM) or a server URL",
+            nargs="?",
+            const="local",
+            metavar="BACKEND",
+        ),
+    )
+    upscale: int | None = field(default=None, metadata=option("chain the nano upscaler (2× or 4×)", choices=(2, 4)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageToImage(GenerationSettings):
+    """Image → image: noise the image's latent part-way (``strength`` of the schedule) and denoise it."""
+
+    command: ClassVar[str] = "edit"
+
+    image: Any = field(metadata=IMAGE)
+    prompt: str | list[str] = field(default="", metadata=PROMPT)
+    negative_prompt: str | list[str] | None = field(default=None, metadata=NEGATIVE)
+    strength: float = field(default=0.3, metadata=option("how much to change: 0 < s ≤ 1 (default 0.3)"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Inpaint(GenerationSettings):
+    """Repaint where ``mask`` is 1 (white)."""
+
+    command: ClassVar[str] = "inpaint"
+    fixed: ClassVar[tuple[str, ...]] = ("strength",)
+
+    image: Any = field(metadata=IMAGE)
+    mask: Any = field(metadata=option("mask of the image's size: 1 / white = repaint", positional=True))
+    prompt: str | list[str] = field(default="", metadata=PROMPT)
+    negative_prompt: str | list[str] | None = field(default=None, metadata=NEGATIVE)
+    dilate: bool = field(default=False, metadata=option("grow the mask by ≈6 px like the official prepare_mask"))
+    paste_back: bool = field(default=False, metadata=option("keep the original pixels outside the mask"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outpaint(GenerationSettings):
+    """Extend the canvas by the given margins (pixels) and inpaint the new border."""
+
+    command: ClassVar[str] = "outpaint"
+    fixed: ClassVar[tuple[str, ...]] = ("strength", "width", "height")
+
+    image: Any = field(metadata=IMAGE)
+    prompt: str | list[str] = field(default="", metadata=PROMPT)
+    negative_prompt: str | list[str] | None = field(default=None, metadata=NEGATIVE)
+    left: int = field(default=0, metadata=option("pixels to add on the left"))
+    right: int = field(default=0, metadata=option("pixels to add on the right"))
+    top: int = field(default=0, metadata=option("pixels to add on the top"))
+    bottom: int = field(default=0, metadata=option("pixels to add on the bottom"))
+    dilate: bool = field(default=False, metadata=option("grow the mask by ≈6 px like the official prepare_mask"))
+    paste_back: bool = field(default=False, metadata=option("keep the original pixels outside the mask"))
+
+    def validate(self):
+        super().validate()
+        margins = (self.left, self.right, self.top, self.bottom)
+        if any(isinstance(m, bool) or not isinstance(m, int) or m < 0 for m in margins) or not any(margins):
+            raise ValueError(
+                "outpainting needs non-negative whole-pixel margins (left, right, top, bottom), at "
+                "least one of them positive"
+            )
+
+
+REQUESTS: tuple[type[GenerationSettings], ...] = (TextToImage, ImageToImage, Inpaint, Outpaint)

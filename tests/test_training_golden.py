@@ -1,0 +1,148 @@
+"""Golden training runs (issue #13, "no behaviour change"): 20 CPU steps of each recipe on a tiny config with a
+fixed seed must give exactly the recorded loss curve and exactly the recorded final (exported, EMA) weights.
+
+The values in tests/golden/training.json were recorded with the loop as it was before the training-step protocol
+(named losses, several optimizers) was introduced, and the test has not changed since: the refactored loop moves
+the same recipes through the same random stream, so the curves and weights are bit-identical.
+
+The runs use only what every version of the API has: ``TrainConfig.from_dict`` with the YAML keys, ``train``, the
+``log.jsonl`` written every ``log_every`` steps (its ``loss`` is the running average the progress bar shows) and
+the exported safetensors. One thread, so the sums inside the kernels do not depend on the machine's core count.
+
+Re-record (only after a deliberate change of the numerics, and say so in the commit):
+    python tests/test_training_golden.py --record
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+GOLDEN = Path(__file__).parent / "golden" / "training.json"
+STEPS = 20
+
+COMMON = {
+    "steps": STEPS,
+    "batch_size": 4,
+    "lr": 1e-3,
+    "warmup_steps": 5,
+    "ema_decay": 0.9,
+    "grad_clip": 1.0,
+    "checkpoint_every": 100,
+    "sample_every": 1000,
+    "log_every": 1,
+    "seed": 7,
+}
+MOVQ = {"ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [16], "resolution": 32, "num_groups": 4}
+UNET = {
+    "model_channels": 16,
+    "init_channels": 8,
+    "time_embed_dim": 32,
+    "context_dim": 16,
+    "groups": 4,
+    "head_dim": 8,
+    "dim_mult": [1, 2],
+    "num_blocks": [2, 2],
+    "add_cross_attention": [False, True],
+    "add_self_attention": [False, True],
+}
+T5 = {"tokenizer": "world", "d_model": 16, "d_ff": 32, "d_kv": 8, "num_heads": 2, "num_layers": 1}
+SR_UNET = {
+    "init_channels": 8,
+    "model_channels": 8,
+    "time_embed_dim": 16,
+    "groups": 4,
+    "dim_mult": [1, 2],
+    "num_resnet_blocks": [1, 1],
+    "dropout": 0.0,
+}
+
+
+def _frozen_movq(folder: Path) -> Path:
+    """A fixed random MoVQ export (32 px → 16×16×4 latents) for the diffusion run, drawn from its own generator."""
+    from kandinsky3.checkpoints.io import save_json, save_safetensors
+    from kandinsky3.models.movq import MoVQ, MoVQConfig
+
+    config = MoVQConfig.from_dict(MOVQ)
+    movq = MoVQ(config)
+    g = torch.Generator().manual_seed(123)
+    state = {
+        k: torch.randn(v.shape, generator=g) * 0.1 if v.is_floating_point() else v
+        for k, v in sorted(movq.state_dict().items())
+    }
+    save_safetensors(state, folder / "movq.safetensors")
+    save_json({"movq": config.to_dict()}, folder / "movq.json")
+    return folder
+
+
+def _config(name: str, tmp: Path) -> dict:
+    out = tmp / name
+    if name == "movq":
+        model = {"movq": MOVQ, "mse_weight": 0.5, "edge_weight": 2.0, "latent_noise": 0.1}
+        data = {"source": "world", "size": 32, "length": 24}
+    elif name == "diffusion":
+        model = {
+            "name": "golden",
+            "movq": str(_frozen_movq(tmp)),
+            "unet": UNET,
+            "text_encoder": T5,
+            "min_snr_gamma": 5.0,
+        }
+        data = {"source": "world", "size": 32, "length": 24}
+    else:
+        model = {"name": "golden", "scale": 4, "crop": 16, "degrade": True, "unet": SR_UNET}
+        data = {"source": "world", "size": 8, "length": 24}
+    return {"recipe": name, "output_dir": str(out), "model": model, "data": data, **COMMON}
+
+
+def weights_sha256(folder: Path) -> str:
+    """SHA-256 over every tensor of every safetensors file under ``folder`` (path, name, dtype, shape, bytes)."""
+    from safetensors.torch import load_file
+
+    h = hashlib.sha256()
+    for file in sorted(folder.rglob("*.safetensors")):
+        h.update(str(file.relative_to(folder)).encode())
+        for name, value in sorted(load_file(file).items()):
+            h.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+            h.update(value.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def run_recipe(name: str, tmp: Path) -> dict:
+    from kandinsky3.training import TrainConfig, train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        summary = train(TrainConfig.from_dict(_config(name, tmp)), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    log = [json.loads(line) for line in (tmp / name / "log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == list(range(1, STEPS + 1))
+    return {"loss": [entry["loss"] for entry in log], "weights_sha256": weights_sha256(Path(summary["export_dir"]))}
+
+
+@pytest.mark.parametrize("name", ["movq", "diffusion", "superres"])
+def test_twenty_steps_match_the_golden_run(name, tmp_path):
+    expected = json.loads(GOLDEN.read_text())[name]
+    got = run_recipe(name, tmp_path)
+    assert got["loss"] == expected["loss"], "the loss curve changed"
+    assert got["weights_sha256"] == expected["weights_sha256"], "the final weights changed"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--record"]:
+        sys.exit(__doc__)
+    results = {}
+    for recipe in ("movq", "diffusion", "superres"):
+        with tempfile.TemporaryDirectory() as tmp:
+            results[recipe] = run_recipe(recipe, Path(tmp))
+    GOLDEN.parent.mkdir(exist_ok=True)
+    GOLDEN.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {GOLDEN}")
