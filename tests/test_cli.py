@@ -104,3 +104,26 @@ def test_upscale_writes_a_4x_png_with_its_settings(tmp_path):
 def test_help_has_examples(command):
     result = subprocess.run([sys.executable, "-m", "kandinsky3.cli", command, "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "examples:" in result.stdout
+
+
+def test_image_commands_do_not_need_the_training_extras():
+    """`pip install -e .` (no [train]/[eval] extras) must run `generate`: the parser and the image path import
+    nothing of training/eval (accelerate, scipy, pyyaml)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import kandinsky3.cli as cli\n"
+        "cli.build_parser().parse_args(['generate', 'x'])\n"
+        "import kandinsky3.pipeline, kandinsky3.tasks\n"
+        "heavy = [m for m in sys.modules if m.split('.')[0] in ('accelerate', 'scipy', 'yaml')\n"
+        "         or m.startswith(('kandinsky3.training', 'kandinsky3.eval', 'kandinsky3.world'))]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_unknown_recipe_is_one_line(capsys):
+    assert main(["train", "gan", "--config", "configs/toy_gan.yaml"]) == 2
+    assert "unknown recipe 'gan'" in capsys.readouterr().err
