@@ -280,10 +280,12 @@ class Kandinsky3:
             )
         if not plan.adapters and self.is_inpainting:
             raise ValueError("this is an inpainting U-Net: use inpaint() or outpaint()")
-        seeds = s.seed if isinstance(s.seed, list) else None
+        seeds = list(s.seed) if isinstance(s.seed, (list, tuple)) else None
         if seeds is not None and len(seeds) != plan.batch_size:
             raise ValueError(f"{len(seeds)} seeds for {plan.batch_size} images: give one seed, or one per image")
-        seed = s.seed if s.seed is not None else (None if generator else random.randrange(2**32))
+        seed = seeds or s.seed
+        if seed is None and generator is None:
+            seed = random.randrange(2**32)
         noise = NoiseSource(generator) if generator is not None else NoiseSource.from_seed(seed)
         cond = self._conditioning(plan, guided=sampler.guided and s.guidance > 0)
         x = noise.randn(plan.shape)
