@@ -212,9 +212,7 @@ def outpaint_canvas(
     The new border is filled by edge replication (a neutral start for the masked latent) and marked 1 (repaint)
     in the returned mask; the original pixels are marked 0 (keep).
     """
-    image = as_pil(image)
-    if min(left, right, top, bottom) < 0 or left + right + top + bottom == 0:
-        raise ValueError("outpainting needs non-negative margins, at least one of them positive")
+    image = as_pil(image)  # the margins were validated by the Outpaint request
     w, h = image.width + left + right, image.height + top + bottom
     extra_w, extra_h = (-w) % multiple, (-h) % multiple
     right, bottom = right + extra_w, bottom + extra_h

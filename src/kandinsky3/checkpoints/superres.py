@@ -95,6 +95,14 @@ def _refine_parts(root: Path, device, dtype, local_files_only):
     return RefineParts(build_unet(raw, dtype, device), build_movq(raw, None, device), context.float(), mask)
 
 
+def _official_upscaler(cls, path: Path, v, device, dtype, local_files_only):
+    """An upscaler from a folder holding the official file of variant ``v`` (and, for Flash, the refine parts)."""
+    sd = official_state_dict(path / v.file)
+    refine = _refine_parts(path, device, dtype, local_files_only) if v.mode == "flash" else None
+    unet = build_sr_unet(infer_config(sd), sd, device, dtype)
+    return cls(unet, scale=v.scale, mode=v.mode, refine=refine, device=device, name=v.name)
+
+
 def load_superres(cls, name_or_path, device, dtype=None, local_files_only=False):
     text = "nano" if name_or_path is None else str(name_or_path)
     path = Path(text).expanduser()
@@ -117,16 +125,7 @@ def load_superres(cls, name_or_path, device, dtype=None, local_files_only=False)
             path = _download(
                 SUPERRES_REPO, [v.file] + (["weights/context*.pt"] if v.mode == "flash" else []), local_files_only
             )
-            sd = official_state_dict(path / v.file)
-            refine = _refine_parts(path, device, dtype, local_files_only) if v.mode == "flash" else None
-            return cls(
-                build_sr_unet(infer_config(sd), sd, device, dtype),
-                scale=v.scale,
-                mode=v.mode,
-                refine=refine,
-                device=device,
-                name=v.name,
-            )
+            return _official_upscaler(cls, path, v, device, dtype, local_files_only)
     if (path / NATIVE_SR_CONFIG).is_file():
         meta = load_json(path / NATIVE_SR_CONFIG)
         unet = build_sr_unet(
@@ -142,18 +141,9 @@ def load_superres(cls, name_or_path, device, dtype=None, local_files_only=False)
             window=window,
             stride=meta.get("stride", window * 25 // 32),
         )
-    for name, v in SUPERRES_VARIANTS.items():
+    for v in SUPERRES_VARIANTS.values():
         if v.file and (path / v.file).is_file():
-            sd = official_state_dict(path / v.file)
-            refine = _refine_parts(path, device, dtype, local_files_only) if v.mode == "flash" else None
-            return cls(
-                build_sr_unet(infer_config(sd), sd, device, dtype),
-                scale=v.scale,
-                mode=v.mode,
-                refine=refine,
-                device=device,
-                name=name,
-            )
+            return _official_upscaler(cls, path, v, device, dtype, local_files_only)
     raise CheckpointError(
         f"{path} holds no upscaler: expected {NATIVE_SR_CONFIG} or one of "
         f"{', '.join(v.file for v in SUPERRES_VARIANTS.values() if v.file)}"
