@@ -12,6 +12,14 @@ def tiny():
 
 
 @pytest.fixture(scope="session")
+def nano():
+    """The embedded default model, shared by the session: tests must not change it (or restore what they change)."""
+    from kandinsky3 import Kandinsky3
+
+    return Kandinsky3.from_pretrained("nano", device="cpu")
+
+
+@pytest.fixture(scope="session")
 def tiny_inpainting():
     from dataclasses import replace
 
@@ -25,5 +33,6 @@ def tiny_inpainting():
         name="tiny-inpainting",
         unet=replace(v.unet, num_channels=9),
         sampler=replace(v.sampler, guidance=4.0, threshold_percentile=0.95),
+        inpainting=True,
     )
     return Kandinsky3(tiny_components(v, seed=1))

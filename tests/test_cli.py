@@ -66,7 +66,7 @@ def test_convert_and_info(tmp_path, capsys, tiny):
     assert main(["convert", str(tmp_path / "official"), str(tmp_path / "d"), "--to", "diffusers"]) == 0
     assert main(["info", str(tmp_path / "d")]) == 0
     out = capsys.readouterr().out
-    assert "diffusers layout" in out and "748 tensors" in out and "base-custom" in out
+    assert "diffusers layout" in out and "748 tensors" in out and "variant:     tiny" in out  # kept by the side file
 
 
 def test_upscale_writes_a_4x_png_with_its_settings(tmp_path):

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kandinsky3 import Kandinsky3
 
 GOLDEN = Path(__file__).parent / "golden" / "outputs.json"
 UPDATE = os.environ.get("K3_UPDATE_GOLDEN") == "1"
@@ -43,11 +42,6 @@ def _mask(width=64, height=64) -> np.ndarray:
     m = np.zeros((height, width), np.float32)
     m[16:48, 24:56] = 1
     return m
-
-
-@pytest.fixture(scope="module")
-def nano():
-    return Kandinsky3.from_pretrained("nano", device="cpu")
 
 
 CASES = {

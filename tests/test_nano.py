@@ -1,18 +1,12 @@
 """The committed nano model: it is the default, it makes real pictures, and it is good at its world."""
 
 import numpy as np
-import pytest
 import torch
 
 from kandinsky3 import Kandinsky3, read_metadata
 from kandinsky3.cli import main
 from kandinsky3.registry import NANO_DIR
 from kandinsky3.world import judge, world_sample
-
-
-@pytest.fixture(scope="module")
-def nano():
-    return Kandinsky3.from_pretrained(device="cpu")
 
 
 def test_nano_is_the_default_and_small():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kandinsky3 import Kandinsky3, save_image
+from kandinsky3 import save_image
 from kandinsky3.diffusion import flash_timesteps, official_timesteps
 
 
@@ -31,11 +31,6 @@ def test_flash_timesteps_follow_the_same_rule(steps):
 
 def test_flash_default_is_the_released_schedule():
     assert flash_timesteps(4) == list(range(979, 0, -250)) == [979, 729, 479, 229]
-
-
-@pytest.fixture(scope="module")
-def nano():
-    return Kandinsky3.from_pretrained("nano", device="cpu")
 
 
 def _capture_decoded(pipe, monkeypatch):

@@ -195,3 +195,25 @@ def test_generation_never_fails_because_of_beautification(tiny):
 
     meta = read_metadata(image)
     assert meta["prompt"] == "a red circle" and meta["original_prompt"] == "a red circle"
+
+
+def test_offline_local_llm_fails_at_once_and_generation_falls_back(monkeypatch):
+    import time
+
+    from kandinsky3.prompts import BeautifyError, LocalLLM
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(BeautifyError, match="out of reach"):
+        LocalLLM("nobody/no-such-model")._load()
+    assert time.perf_counter() - start < 10  # no retry loop against an unreachable hub
+    with pytest.warns(UserWarning, match="failed, using the original prompt"):
+        assert LocalLLM("nobody/no-such-model")("a star").prompt == "a star"
+
+
+def test_nano_beautifies_with_its_own_template_by_default(nano):
+    from kandinsky3.prompts import TemplateBeautifier
+
+    expanded = nano.beautify("a star", True)
+    assert nano.variant.beautifier == "template" and expanded.expanded
+    assert expanded.prompt == TemplateBeautifier().expand("a star")

@@ -223,3 +223,21 @@ def test_concurrent_saves_to_one_path_leave_a_complete_png(tmp_path):
         im.load()
         assert im.size == (256, 256) and im.getpixel((0, 0))[0] in {i * 10 for i in range(20)}
     assert [p.name for p in tmp_path.iterdir()] == ["same.png"]
+
+
+def test_inpainting_is_the_variants_fact_not_the_channel_count(tiny_inpainting):
+    from dataclasses import replace
+
+    from kandinsky3.registry import VARIANTS
+
+    assert VARIANTS["inpainting"].is_inpainting and not VARIANTS["base"].is_inpainting
+    assert tiny_inpainting.is_inpainting
+    undeclared = replace(tiny_inpainting.variant, inpainting=None)  # a folder that doesn't say: read the config
+    assert undeclared.is_inpainting
+    assert not replace(undeclared, unet=replace(undeclared.unet, num_channels=4)).is_inpainting
+    tiny_inpainting.variant = replace(tiny_inpainting.variant, inpainting=False)
+    try:
+        with pytest.raises(ValueError, match="inpainting needs"):
+            tiny_inpainting.inpaint(Image.new("RGB", (64, 64)), np.ones((64, 64), np.float32), "x", steps=1)
+    finally:
+        tiny_inpainting.variant = replace(tiny_inpainting.variant, inpainting=True)

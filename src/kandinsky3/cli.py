@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import stat
 import sys
 import typing
+import warnings
 from pathlib import Path
 
 from .requests import REQUESTS
@@ -18,7 +21,9 @@ EXAMPLES = {
   kandinsky3 generate "a cat in a hat" --model base --width 1024 --height 768 --negative "blurry"
   kandinsky3 generate "a cat in a hat" --model flash --dtype bf16               # 4 steps, no guidance
   kandinsky3 generate "a star" --beautify template                               # fill unstated attributes
-  kandinsky3 generate "a cat" --model base --beautify "server http://127.0.0.1:8000"   # vLLM / llama.cpp / Ollama""",
+  kandinsky3 generate "a cat" --model base --beautify "server http://127.0.0.1:8000"   # vLLM / llama.cpp / Ollama
+  kandinsky3 generate --prompts prompts.txt --out-dir out --seed 0 1 2 3          # one PNG per (prompt, seed)
+  accelerate launch --num_processes 8 -m kandinsky3.cli generate --prompts p.jsonl --out-dir out   # sharded""",
     "edit": """examples:
   kandinsky3 edit photo.png "the same scene in winter" --strength 0.5 --out winter.png""",
     "inpaint": """examples:
@@ -41,7 +46,11 @@ EXAMPLES = {
   kandinsky3 eval alignment --model nano --num 500     # judge-read alignment at the default guidance and at 0
   kandinsky3 eval movq --model nano --num 500          # MoVQ reconstruction PSNR on held-out renders
   kandinsky3 eval superres --world 100                 # nano upscaler vs bicubic / Lanczos on world scenes
-  kandinsky3 eval superres --hr-dir ./DIV2K_valid_HR --model x4 --num 100""",
+  kandinsky3 eval superres --hr-dir ./DIV2K_valid_HR --model x4 --num 100
+  kandinsky3 eval flash --model runs/nano-flash/export --teacher nano   # Flash student vs teacher and baselines""",
+    "serve": """examples:
+  kandinsky3 serve --models nano                       # http://127.0.0.1:8000/ (web UI), /docs (API)
+  KANDINSKY3_API_KEY=secret kandinsky3 serve --models nano base --host 0.0.0.0 --devices cuda:0 cuda:1""",
     "upscale": """examples:
   kandinsky3 upscale small.png --scale 4 --out big.png                  # the nano upscaler
   kandinsky3 upscale photo.png --model x4 --dtype fp16 --out photo4k.png  # KandiSuperRes, 1024-px views
@@ -110,10 +119,24 @@ def _add_request_args(p: argparse.ArgumentParser, request_cls):
             g.add_argument(*names, dest=f.name, type=kind, default=default, help=help_text, **cli)
 
 
-def _add_output_args(p: argparse.ArgumentParser):
+OUT_HELP = (
+    "output image: .png, .jpg / .jpeg or .webp by its extension (settings in its metadata); with several images, "
+    "-0, -1, … are appended. An existing file is not replaced without --overwrite"
+)
+PROGRESS_HELP = "hide the progress bars (also hidden when stderr is not a terminal)"
+
+
+def _add_output_args(p: argparse.ArgumentParser, default_out: str = "kandinsky3.png", force: bool = True):
     g = p.add_argument_group("output")
-    g.add_argument("--out", default="kandinsky3.png", help="output PNG; with several images, -0, -1, … are appended")
-    g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    g.add_argument("--out", default=default_out, help=OUT_HELP + f" (default {default_out})")
+    g.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    g.add_argument("--no-progress", action="store_true", help=PROGRESS_HELP)
+    if force:
+        g.add_argument(
+            "--force",
+            action="store_true",
+            help="run a size whose estimated memory exceeds the device's (refused by default; docs/errors.md)",
+        )
 
 
 def request_from_args(request_cls, args):
@@ -147,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
         _add_request_args(p, request_cls)
         _add_model_args(p)
         _add_output_args(p)
+        if name == "generate":
+            from .batch import add_batch_args  # argparse only: the batch machinery loads when --prompts is given
+
+            add_batch_args(p)
 
     p = sub.add_parser(
         "convert",
@@ -158,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="output folder")
     p.add_argument("--to", required=True, choices=["official", "diffusers", "native"])
     p.add_argument("--variant", default=None, help="for official folders: base (default), flash or inpainting")
+    p.add_argument("--overwrite", action="store_true", help="write into DST even if it is not empty")
 
     p = sub.add_parser(
         "train",
@@ -194,15 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_formatter,
         epilog=EXAMPLES["eval"],
     )
-    p.add_argument("what", choices=["alignment", "movq", "superres"])
+    p.add_argument("what", choices=["alignment", "movq", "superres", "flash"])
     p.add_argument("--hr-dir", default=None, help="superres: a folder of high-res images (LR = bicubic downscale)")
     p.add_argument("--world", type=int, default=None, help="superres: N held-out shapes-world scenes instead")
-    p.add_argument("--scale", type=int, default=4)
-    p.add_argument("--model", default=None, help="nano (default) or a model folder trained on the shapes world")
+    p.add_argument("--scale", type=int, default=4, choices=[2, 4])
+    p.add_argument(
+        "--model",
+        default=None,
+        help="nano (default) or a model folder trained on the shapes world (flash: the distilled student)",
+    )
+    p.add_argument("--teacher", default="nano", help="flash: the model the Flash student was distilled from")
     p.add_argument("--num", type=int, default=500, help="number of captions / images (default 500)")
     p.add_argument("--held-out", type=int, default=None, help="captions with held-out colour+shape pairs (num/5)")
     p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=None, help="default: the model's")
+    p.add_argument("--guidance", type=float, default=None, help="default: the model's (1.0 for nano)")
     p.add_argument("--no-baseline", action="store_true", help="skip the guidance-0 comparison")
     p.add_argument("--device", default=None)
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
@@ -214,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES["upscale"],
     )
     p.add_argument("image")
-    p.add_argument("--scale", type=int, default=None, help="2 or 4 (default: the model's)")
+    p.add_argument("--scale", type=int, default=None, choices=[2, 4], help="2 or 4 (default: the model's)")
     p.add_argument("--model", default=None, help="nano (default), x4, x2, flash-x2, tiny or a folder")
     p.add_argument("--steps", type=int, default=None, help="solver steps (default 5)")
     p.add_argument("--seed", type=int, default=0)
@@ -230,8 +263,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--out", default="upscaled.png")
-    p.add_argument("--no-progress", action="store_true")
+    _add_output_args(p, "upscaled.png", force=False)
+
+    from .serve.config import add_serve_args  # the standard library only: FastAPI loads when the server starts
+
+    add_serve_args(
+        sub.add_parser(
+            "serve",
+            help='HTTP service: jobs API, web UI, metrics (pip install -e ".[serve]")',
+            formatter_class=_formatter,
+            epilog=EXAMPLES["serve"],
+        )
+    )
 
     p = sub.add_parser(
         "info",
@@ -260,16 +303,227 @@ def _pipeline(args):
     )
 
 
-def _save_all(images, out: str):
-    from .images import save_image
+# -- checks made before any model loads ---------------------------------------------------------------------------
+
+
+def _progress(args) -> bool:
+    """Progress bars only when wanted and stderr is a terminal (a log file gets no carriage-return walls); when
+    off, the loading bars of transformers ("Loading weights") and of hub downloads are off too."""
+    show = not args.no_progress and sys.stderr.isatty()
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    (enable_progress_bars if show else disable_progress_bars)()
+    (hf_logging.enable_progress_bar if show else hf_logging.disable_progress_bar)()
+    return show
+
+
+def _check_device(device: str | None):
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device {device}: this torch {torch.__version__} has no usable CUDA (a CPU-only build, or no GPU "
+                "visible); use --device cpu, or install a CUDA build of torch"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {device}: use cpu, cuda, cuda:N or mps")
+
+
+def _check_positive(**values):
+    """Whole-number options that must be ≥ 1 when given."""
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def output_paths(out: str, count: int, overwrite: bool) -> list[Path]:
+    """The files ``count`` images go to (``-0``, ``-1``, … appended for several), checked before any work: a known
+    image extension, an existing writable folder, not a folder, and no existing file unless ``overwrite``."""
+    from .images import image_format
 
     out = Path(out)
-    if out.suffix.lower() != ".png":
-        out = out.with_suffix(".png")
-    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
+    image_format(out)
+    paths = [out] if count == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
+    folder = out.parent
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist; create it first"
+        raise ValueError(f"--out {out}: {folder} {what}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: the folder {folder} is not writable; choose another --out")
+    for path in paths:
+        if path.is_dir():
+            raise ValueError(f"--out {path} is a folder; give a file name, e.g. {path / 'image.png'}")
+        if path.exists():
+            if not overwrite:
+                raise ValueError(f"{path} exists; pass --overwrite to replace it, or choose another --out")
+            if not os.access(path, os.W_OK) or not path.stat().st_mode & stat.S_IWUSR:
+                raise ValueError(f"{path} is read-only; make it writable or choose another --out")
+    return paths
+
+
+def _known_variant(args):
+    """The registered variant ``--model`` names, or None for a folder or hub id (known once loaded); an unknown
+    plain name is an error here, before anything loads."""
+    from .registry import DEFAULT_VARIANT, get_variant
+
+    text = args.model or DEFAULT_VARIANT
+    if Path(text).expanduser().exists() or "/" in text:
+        return None
+    named = get_variant(text)  # raises for an unknown name
+    return get_variant(args.variant) if args.variant else named
+
+
+def _planned_size(request, variant, multiple: int) -> tuple[int, int]:
+    """The picture size a request will be run at (what tasks.py computes), for the checks before loading."""
+    from .images import fit_for_diffusion
+    from .requests import Outpaint, TextToImage
+
+    if isinstance(request, TextToImage):
+        s = request.resolve(variant)
+        return s.width, s.height
+    image = request.image
+    if isinstance(request, Outpaint):
+        w, h = image.width + request.left + request.right, image.height + request.top + request.bottom
+        return w + (-w) % multiple, h + (-h) % multiple
+    if request.width is None and request.height is None:
+        return fit_for_diffusion(image.width, image.height, variant.size, multiple)
+    return request.width or image.width, request.height or image.height
+
+
+def _check_size(request, variant, args):
+    """Size multiple and estimated memory of the run; refused above the device's memory unless ``--force``."""
+    import torch
+
+    from .images import check_size
+    from .pipeline import device_memory, estimate_memory
+
+    multiple = variant.movq.downsample_factor * variant.unet.downsample_factor
+    width, height = _planned_size(request, variant, multiple)
+    check_size(width, height, multiple)
+    if args.force:
+        return
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    need = estimate_memory(
+        variant, width, height, request.num_images, args.movq_tiling, attention_scores=device.type != "cuda"
+    )
+    have = device_memory(device)
+    if need > have:
+        raise ValueError(
+            f"{width}x{height} needs an estimated {need / 2**30:,.1f} GiB, more than the {have / 2**30:,.0f} GiB of "
+            f"{device}; use a smaller --width/--height{'' if args.movq_tiling else ' or --movq-tiling'}, or --force "
+            "to try anyway"
+        )
+
+
+def _generate(args) -> list[Path]:
+    from .images import as_mask, as_pil
+
+    request_cls = next(r for r in REQUESTS if r.command == args.command)
+    _check_device(args.device)
+    if getattr(args, "image", None) is not None:
+        args.image = as_pil(args.image)
+    if getattr(args, "mask", None) is not None:
+        args.mask = as_mask(args.mask, args.image.size)
+    request = request_from_args(request_cls, args)  # validated before the model loads
+    if isinstance(request.seed, list) and len(request.seed) != request.num_images:  # one prompt on the CLI
+        raise ValueError(f"{len(request.seed)} seeds for {request.num_images} images: give one seed, or one per image")
+    variant = _known_variant(args)
+    if variant is not None:
+        _check_size(request, variant, args)
+    paths = output_paths(args.out, request.num_images, args.overwrite)
+    progress = _progress(args)
+    pipe = _pipeline(args)
+    if variant is None:
+        _check_size(request, pipe.variant, args)
+    images = pipe.run(request, progress=progress)
+    return _save_all(images, paths)
+
+
+def _generate_batch(args) -> dict:
+    """``generate --prompts FILE --out-dir DIR``: one PNG per (prompt, seed) and a manifest, resumable, sharded over
+    the processes of ``accelerate launch`` (docs/serve.md, "Batch generation")."""
+    from .batch import run_from_args
+
+    _check_device(args.device)
+    args.no_progress = not _progress(args)
+
+    def load(device):
+        if device is not None:
+            args.device = device
+        return _pipeline(args)
+
+    summary = run_from_args(args, load)
+    print(json.dumps(summary))
+    return summary
+
+
+def _upscale(args) -> list[Path]:
+    from .images import as_pil
+    from .requests import MAX_SEED
+
+    _check_device(args.device)
+    _check_positive(steps=args.steps, stride=args.stride, view_batch_size=args.view_batch_size)
+    if args.window is not None and args.window < 0:
+        raise ValueError(f"--window must be 0 (the whole image) or a positive size, got {args.window}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ValueError(f"--seed must be a whole number from 0 to {MAX_SEED}, got {args.seed}")
+    paths = output_paths(args.out, 1, args.overwrite)
+    image = as_pil(args.image)
+    progress = _progress(args)
+    from .superres import SuperRes
+
+    sr = SuperRes.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    upscaled = sr.upscale(
+        image,
+        args.scale,
+        args.steps,
+        args.seed,
+        window=args.window,
+        stride=args.stride,
+        view_batch_size=args.view_batch_size,
+        blend=args.blend,
+        progress=progress,
+    )
+    return _save_all([upscaled], paths)
+
+
+def _save_all(images, paths: list[Path]) -> list[Path]:
+    from .images import save_image
+
+    assert len(images) == len(paths), (len(images), len(paths))  # one prompt: num_images pictures
     for image, path in zip(images, paths):
         save_image(image, path)
         print(path)
+    return paths
+
+
+def _convert(args):
+    from .checkpoints import convert
+    from .registry import get_variant
+
+    src, dst = Path(args.src), Path(args.dst)
+    if not src.exists():
+        raise FileNotFoundError(f"model folder not found: {src}")
+    if dst.exists() and not dst.is_dir():
+        raise ValueError(f"{dst} is a file; give a folder to write the model into")
+    if dst.exists() and src.resolve() == dst.resolve():
+        raise ValueError(f"{src} and {dst} are the same folder; write the conversion somewhere else")
+    if dst.is_dir() and any(dst.iterdir()) and not args.overwrite:
+        raise ValueError(f"{dst} is not empty; pass --overwrite to write into it, or choose another folder")
+    raw = convert(src, dst, args.to, get_variant(args.variant) if args.variant else None)
+    print(f"wrote {dst} ({args.to} layout, variant {raw.variant.name})")
 
 
 def _info(args):
@@ -305,11 +559,35 @@ def _info(args):
 
 
 def _eval(args):
+    import math
+
     from .pipeline import Kandinsky3
 
+    _check_device(args.device)
+    _check_positive(num=args.num, steps=args.steps, world=args.world)
+    if args.held_out is not None and args.held_out < 0:
+        raise ValueError(f"--held-out must be 0 or more, got {args.held_out}")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise ValueError(f"--guidance must be a finite number ≥ 0, got {args.guidance}")
+    if args.hr_dir is not None and not Path(args.hr_dir).is_dir():
+        raise FileNotFoundError(f"--hr-dir: folder not found: {args.hr_dir}")
+    if args.what == "superres":  # the extras each measure needs fail here, before a model loads
+        from .eval import superres  # noqa: F401
+    else:
+        from .eval import alignment  # noqa: F401
     results = {}
-    pipe = None if args.what == "superres" else Kandinsky3.from_pretrained(args.model, device=args.device)
-    if args.what == "superres":
+    pipe = None if args.what in ("superres", "flash") else Kandinsky3.from_pretrained(args.model, device=args.device)
+    if args.what == "flash":
+        from .eval.flash import flash_rows, flash_table
+
+        if args.model is None:
+            raise ValueError("eval flash needs --model: the distilled student (e.g. runs/nano-flash/export)")
+        student = Kandinsky3.from_pretrained(args.model, device=args.device)
+        teacher = Kandinsky3.from_pretrained(args.teacher, device=args.device)
+        rows = flash_rows(student, teacher, args.num, args.steps or student.variant.sampler.steps)
+        print(flash_table(rows))
+        results = {name: report.to_dict() for name, report in rows.items()}
+    elif args.what == "superres":
         from .eval.superres import evaluate_superres, format_table, pairs_from_folder, pairs_from_world
         from .superres import SuperRes
 
@@ -359,62 +637,98 @@ def _eval(args):
         Path(args.json).write_text(json.dumps(results, indent=2))
 
 
+#: optional dependencies and the extra that installs them
+EXTRAS = {
+    "accelerate": "train",
+    "yaml": "train",
+    "scipy": "eval",
+    "torchmetrics": "eval",
+    "bitsandbytes": "quantization",
+    "fastapi": "serve",
+    "uvicorn": "serve",
+    "prometheus_client": "serve",
+}
+
+
+def _train(args):
+    import math
+
+    _check_positive(steps=args.steps, max_steps=args.max_steps)
+    if args.time_budget is not None and not (math.isfinite(args.time_budget) and args.time_budget > 0):
+        raise ValueError(f"--time-budget must be a positive number of minutes, got {args.time_budget}")
+    from .training import TrainConfig, train
+    from .training.recipes import RECIPES
+
+    if args.recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {args.recipe!r}; choose one of {', '.join(sorted(RECIPES))}")
+
+    cfg = TrainConfig.from_yaml(
+        args.config,
+        output_dir=args.output_dir,
+        export_dir=args.export_dir,
+        steps=args.steps,
+        mixed_precision=args.mixed_precision,
+        time_budget_minutes=args.time_budget,
+    )
+    if cfg.recipe != args.recipe:
+        raise ValueError(f"{args.config} is a {cfg.recipe!r} config, not {args.recipe!r}")
+    summary = train(cfg, max_steps=args.max_steps)
+    print(json.dumps(summary))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text if isinstance(exc, (ValueError, TypeError, RuntimeError)) else text.splitlines()[0]
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 2 a usage or input error (one line on stderr, nothing written), 130 interrupted."""
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "convert":
-            from .checkpoints import convert
-            from .registry import get_variant
+    prefix = f"kandinsky3 {args.command}"
 
-            raw = convert(args.src, args.dst, args.to, get_variant(args.variant) if args.variant else None)
-            print(f"wrote {args.dst} ({args.to} layout, variant {raw.variant.name})")
-        elif args.command == "info":
-            _info(args)
-        elif args.command == "upscale":
-            from .superres import SuperRes
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"{prefix}: warning: {message}", file=sys.stderr)
 
-            sr = SuperRes.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-            image = sr.upscale(
-                args.image,
-                args.scale,
-                args.steps,
-                args.seed,
-                window=args.window,
-                stride=args.stride,
-                view_batch_size=args.view_batch_size,
-                blend=args.blend,
-                progress=not args.no_progress,
+    with warnings.catch_warnings():
+        warnings.showwarning = show_warning
+        try:
+            if args.command == "convert":
+                _convert(args)
+            elif args.command == "info":
+                _info(args)
+            elif args.command == "upscale":
+                _upscale(args)
+            elif args.command == "eval":
+                _eval(args)
+            elif args.command == "train":
+                _train(args)
+            elif args.command == "serve":
+                from .serve import config_from_args, run_server
+
+                return run_server(config_from_args(args))
+            elif getattr(args, "prompts", None):
+                _generate_batch(args)
+            else:
+                _generate(args)
+        except KeyboardInterrupt:
+            print(f"{prefix}: interrupted", file=sys.stderr)
+            return 130
+        except ModuleNotFoundError as exc:
+            extra = EXTRAS.get((exc.name or "").split(".")[0])
+            if extra is None:
+                raise
+            print(
+                f"{prefix}: error: {exc.name} is not installed; install the [{extra}] extra: "
+                f'pip install -e ".[{extra}]"',
+                file=sys.stderr,
             )
-            _save_all([image], args.out)
-        elif args.command == "eval":
-            _eval(args)
-        elif args.command == "train":
-            from .training import TrainConfig, train
-            from .training.recipes import RECIPES
-
-            if args.recipe not in RECIPES:
-                raise ValueError(f"unknown recipe {args.recipe!r}; choose one of {', '.join(sorted(RECIPES))}")
-
-            cfg = TrainConfig.from_yaml(
-                args.config,
-                output_dir=args.output_dir,
-                export_dir=args.export_dir,
-                steps=args.steps,
-                mixed_precision=args.mixed_precision,
-                time_budget_minutes=args.time_budget,
-            )
-            if cfg.recipe != args.recipe:
-                raise ValueError(f"{args.config} is a {cfg.recipe!r} config, not {args.recipe!r}")
-            summary = train(cfg, max_steps=args.max_steps)
-            print(json.dumps(summary))
-        else:
-            request_cls = next(r for r in REQUESTS if r.command == args.command)
-            request = request_from_args(request_cls, args)  # validated before the model loads
-            images = _pipeline(args).run(request, progress=not args.no_progress)
-            _save_all(images, args.out)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
-        print(f"kandinsky3 {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+            return 2
+        except MemoryError:
+            print(f"{prefix}: error: out of memory; use a smaller size or fewer images", file=sys.stderr)
+            return 2
+        except (ValueError, TypeError, OSError, RuntimeError) as exc:
+            print(f"{prefix}: error: {_one_line(exc)}", file=sys.stderr)
+            return 2
     return 0
 
 

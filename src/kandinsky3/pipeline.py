@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import threading
 import warnings
@@ -27,6 +28,65 @@ def _request(cls, settings: dict, **inputs):
             f"unknown setting(s) {sorted(unknown)} for {cls.__name__}; valid: {sorted(names - set(inputs))}"
         )
     return cls(**inputs, **{k: v for k, v in settings.items() if v is not None})
+
+
+def estimate_memory(
+    variant, width: int, height: int, images: int, tiled: bool = False, attention_scores: bool = True
+) -> int:
+    """A rough peak of the activation memory (bytes, fp32, weights excluded) of generating ``images`` pictures of
+    ``width``×``height``: the largest of the U-Net's self-attention scores and feature maps (both guidance
+    branches) and the MoVQ decoder's full-resolution feature maps and latent-resolution attention (two images per
+    decode; tiles with ``tiled``). ``attention_scores=False`` leaves out the attention score matrices (CUDA's
+    fused attention kernels do not store them). It errs high; its purpose is refusing sizes that cannot fit, before
+    anything is allocated."""
+    f = variant.movq.downsample_factor
+    h, w = height // f, width // f
+    u, m = variant.unet, variant.movq
+    batch = 2 * images
+    peak = 0
+    for level, (mult, self_attention) in enumerate(zip(u.dim_mult, u.add_self_attention)):
+        tokens = max(1, h >> level) * max(1, w >> level)
+        peak = max(peak, 4 * batch * u.model_channels * mult * tokens)
+        if self_attention and attention_scores:
+            peak = max(peak, batch * (u.model_channels * mult // u.head_dim) * tokens**2)
+    if tiled:
+        height, width = min(height, m.tile_sample_min_size), min(width, m.tile_sample_min_size)
+        h, w = height // f, width // f
+    decode = min(images, 2)
+    peak = max(peak, 4 * decode * m.ch * m.ch_mult[0] * height * width)
+    if attention_scores:
+        peak = max(peak, decode * (h * w) ** 2)
+    return 4 * peak
+
+
+def device_memory(device) -> int:
+    """Total memory of ``device`` in bytes (the GPU's, or the machine's RAM for the CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device.index or 0).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX
+        return 16 * 2**30
+
+
+def _preset_16gb(device: torch.device) -> dict:
+    """≈ 15 GiB peak for the base model at 1024²: 8-bit FLAN-UL2 (8.1 GiB, resident) + bf16 U-Net (6.1 GiB, moved in
+    for sampling) + bf16 MoVQ with tiled decode. 8-bit needs CUDA and bitsandbytes; elsewhere the encoder is bf16."""
+    return dict(
+        dtype="bf16",
+        text_encoder_quantization="8bit" if device.type == "cuda" else None,
+        offload=True,
+        movq_tiling=True,
+    )
+
+
+MEMORY_PRESETS = {"16gb": _preset_16gb}
+
+
+def is_quantized(module: torch.nn.Module) -> bool:
+    """Whether ``module`` holds bitsandbytes 8/4-bit weights (which ``.to(device)`` cannot move)."""
+    return any(type(p).__name__ in ("Int8Params", "Params4bit") for p in module.parameters())
 
 
 class Kandinsky3:
@@ -71,6 +131,7 @@ class Kandinsky3:
         local_files_only: bool = False,
         variant: str | None = None,
         movq_tiling: bool = False,
+        memory: str | None = None,
     ) -> "Kandinsky3":
         """Load a registered model (``nano`` by default, ``base``, ``flash``, ``inpainting``, ``tiny``), a Hugging
         Face repo id (official or diffusers layout) or a local folder.
@@ -82,8 +143,19 @@ class Kandinsky3:
         tensor cores; same outputs). ``movq_tiling=True`` encodes / decodes images with a side over the MoVQ tile
         (1024 px) in overlapping tiles, as KandiSuperRes does: less memory, slightly different pixels; off by
         default, as in the official pipelines (docs/sampling.md).
+
+        ``memory="16gb"`` is the preset for 16 GB GPUs (:data:`MEMORY_PRESETS`): bf16 U-Net and MoVQ, the text
+        encoder in 8 bit (on CUDA; it stays resident), U-Net and MoVQ offloaded between uses, tiled MoVQ. Options
+        given explicitly win over the preset's.
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if memory is not None:
+            if memory not in MEMORY_PRESETS:
+                raise ValueError(f"unknown memory preset {memory!r}: use one of {', '.join(MEMORY_PRESETS)}")
+            preset = MEMORY_PRESETS[memory](device)
+            dtype = dtype if dtype is not None else preset["dtype"]
+            text_encoder_quantization = text_encoder_quantization or preset["text_encoder_quantization"]
+            offload, movq_tiling = offload or preset["offload"], movq_tiling or preset["movq_tiling"]
         load_device = "cpu" if offload else device
         components = load_components(
             name_or_path,
@@ -125,7 +197,8 @@ class Kandinsky3:
 
     @property
     def is_inpainting(self) -> bool:
-        return self.unet.in_channels == 2 * self.latent_channels + 1
+        """The variant's fact (``Variant.is_inpainting``), not this U-Net's channel count."""
+        return self.variant.is_inpainting
 
     # -- public tasks ------------------------------------------------------------------------------------------
 
@@ -241,13 +314,22 @@ class Kandinsky3:
     def beautify(self, prompt: str, beautifier=True):
         """Expand ``prompt`` with a beautifier (see :mod:`kandinsky3.prompts`), within the text encoder's budget.
 
-        Beautifiers are cached on the pipeline, so the same prompt is expanded once per session."""
-        from .prompts import make_beautifier
+        ``True`` is the variant's own beautifier (``Variant.beautifier``: the template for nano, a local LLM
+        otherwise); the template uses the model's ``vocabulary.json`` when its folder has one. Beautifiers are cached
+        on the pipeline, so the same prompt is expanded once per session."""
+        from .prompts import TemplateBeautifier, make_beautifier
+        from .vocabulary import SceneVocabulary
 
-        key = beautifier if isinstance(beautifier, (str, bool)) else id(beautifier)
+        if beautifier is True:
+            beautifier = self.variant.beautifier
+        key = beautifier if isinstance(beautifier, str) else id(beautifier)
         cache = self.__dict__.setdefault("_beautifiers", {})
         if key not in cache:
-            cache[key] = make_beautifier(beautifier)
+            words = self.variant.local_dir / "vocabulary.json" if self.variant.local_dir else None
+            if beautifier == "template" and words is not None and words.is_file():
+                cache[key] = TemplateBeautifier(SceneVocabulary.load(words))
+            else:
+                cache[key] = make_beautifier(beautifier)
         return cache[key](prompt, self.text_encoder.tokenizer, self.text_encoder.max_length)
 
     # -- the one denoising path ------------------------------------------------------------------------------------
@@ -280,6 +362,7 @@ class Kandinsky3:
             )
         if not plan.adapters and self.is_inpainting:
             raise ValueError("this is an inpainting U-Net: use inpaint() or outpaint()")
+        self._warn_about_inputs(plan)
         seeds = list(s.seed) if isinstance(s.seed, (list, tuple)) else None
         if seeds is not None and len(seeds) != plan.batch_size:
             raise ValueError(f"{len(seeds)} seeds for {plan.batch_size} images: give one seed, or one per image")
@@ -317,6 +400,25 @@ class Kandinsky3:
             out.append(with_metadata(image, meta))
         return out
 
+    def _warn_about_inputs(self, plan: Plan):
+        """One warning for prompt words the tokenizer does not know, one for a size the model was not trained at
+        (more than 2× off its ``variant.size``² pixels either way)."""
+        texts = list(plan.prompts) + list(plan.negative_prompts or [])
+        unknown = self.text_encoder.unknown_words(texts)
+        if unknown:
+            warnings.warn(
+                f"the {self.variant.name} tokenizer does not know {', '.join(map(repr, unknown))}: "
+                "read as the unknown token <unk>",
+                stacklevel=5,
+            )
+        s, size = plan.settings, self.variant.size
+        if not 0.5 <= s.width * s.height / size**2 <= 2:
+            warnings.warn(
+                f"{s.width}x{s.height} is far from the {size}x{size} px the {self.variant.name} model was trained at; "
+                "expect worse pictures",
+                stacklevel=5,
+            )
+
     # -- MoVQ --------------------------------------------------------------------------------------------------
 
     def _movq_param(self):
@@ -344,8 +446,9 @@ class Kandinsky3:
 
     @contextlib.contextmanager
     def placed(self, module: torch.nn.Module):
-        """With offload, move ``module`` to the compute device only while it runs."""
-        if not self.offload:
+        """With offload, move ``module`` to the compute device only while it runs (a quantized module cannot move:
+        it stays where it was loaded)."""
+        if not self.offload or is_quantized(module):
             yield module
             return
         module.to(self.device)

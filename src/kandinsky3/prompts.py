@@ -19,6 +19,9 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from .registry import NANO_DIR
+from .vocabulary import SceneVocabulary
+
 TEMPLATE = (
     "### System:\nYou are a prompt engineer. Your mission is to expand prompts written by user. You should provide "
     "the best prompt for text to image generation in English. \n### User:\n{prompt}\n### Assistant:\n"
@@ -147,8 +150,19 @@ class LocalLLM(Beautifier):
                 from transformers import BitsAndBytesConfig
 
                 kwargs.update(quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="auto")
-            self._tokenizer = AutoTokenizer.from_pretrained(self.model_id)
-            self._model = AutoModelForCausalLM.from_pretrained(self.model_id, **kwargs).eval()
+            local_only = not _can_download(self.model_id)
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(self.model_id, local_files_only=local_only)
+                self._model = AutoModelForCausalLM.from_pretrained(
+                    self.model_id, local_files_only=local_only, **kwargs
+                ).eval()
+            except OSError as exc:
+                if not local_only:
+                    raise
+                raise BeautifyError(
+                    f"the beautifier LLM {self.model_id!r} is not on this machine and the Hugging Face hub is out of "
+                    "reach: use --beautify template, a server URL (--beautify http://…), or download the model first"
+                ) from exc
             if not self.load_in_8bit:
                 self._model.to(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return self._model, self._tokenizer
@@ -162,10 +176,11 @@ class LocalLLM(Beautifier):
 
         model, tokenizer = self._load()
         inputs = self.prompt_ids(prompt).to(model.device)
-        if self.seed is not None:
-            torch.manual_seed(self.seed)
         stop = tokenizer.convert_tokens_to_ids("###") if "###" in tokenizer.get_vocab() else None
-        with torch.no_grad():
+        devices = [model.device.index or 0] if model.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):  # generate() samples from the global RNG
+            if self.seed is not None:
+                torch.manual_seed(self.seed)
             out = model.generate(
                 **inputs,
                 **self.generation,
@@ -173,6 +188,22 @@ class LocalLLM(Beautifier):
                 eos_token_id=[t for t in (tokenizer.eos_token_id, stop) if t is not None] or None,
             )
         return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def _can_download(model_id: str, timeout: float = 2.0) -> bool:
+    """Whether a hub download is possible at all: not a local folder, not offline mode, and the hub answers a TCP
+    connect within ``timeout`` (so an offline machine fails at once instead of retrying for a minute)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.path.isdir(model_id) or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 class ServerLLM(Beautifier):
@@ -237,18 +268,23 @@ class ServerLLM(Beautifier):
 
 
 class TemplateBeautifier(Beautifier):
-    """No model: states every attribute of a shapes-world prompt, filling the unstated ones deterministically
-    (seeded by the prompt), e.g. "a star" → "a large yellow star in the center on a gray background"."""
+    """No model: states every attribute of a scene prompt, filling the unstated ones deterministically (seeded by
+    the prompt), e.g. "a star" → "a large yellow star in the center on a gray background".
+
+    The words come from a :class:`~kandinsky3.vocabulary.SceneVocabulary` given as data; the default is the one
+    the nano model ships (``weights/nano/vocabulary.json``, the shapes world's words)."""
 
     name = "template"
 
-    def expand(self, prompt: str) -> str:
-        from .world.captions import POSITION_PHRASES, parse_caption
-        from .world.scene import BACKGROUNDS, COLORS, HELD_OUT_PAIRS, POSITIONS, SIZES
+    def __init__(self, vocabulary: SceneVocabulary | None = None):
+        super().__init__()
+        self.vocabulary = vocabulary or SceneVocabulary.load(NANO_DIR / "vocabulary.json")
 
-        parsed = parse_caption(prompt)
+    def expand(self, prompt: str) -> str:
+        v = self.vocabulary
+        parsed = v.parse(prompt)
         if not parsed.objects:
-            return prompt  # nothing of the world in it: leave it alone
+            return prompt  # no object of the vocabulary in it: leave it alone
         rng = random.Random(int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16))
         used_colors = {o.color for o in parsed.objects if o.color}
         used_positions = {o.position for o in parsed.objects if o.position}
@@ -257,17 +293,16 @@ class TemplateBeautifier(Beautifier):
             color = o.color or rng.choice(
                 [
                     c
-                    for c in COLORS
-                    if c not in used_colors and c != parsed.background and (c, o.shape) not in HELD_OUT_PAIRS
+                    for c in v.colors
+                    if c not in used_colors and c != parsed.background and (c, o.shape) not in v.excluded
                 ]
             )
             used_colors.add(color)
-            position = o.position or rng.choice([p for p in POSITIONS if p not in used_positions])
+            position = o.position or rng.choice([p for p in v.positions if p not in used_positions])
             used_positions.add(position)
-            size = o.size or rng.choice(list(SIZES))
-            phrase = f"a {size} {color} {o.shape} {POSITION_PHRASES[position][0]}"
-            phrases.append(phrase)
-        background = parsed.background or rng.choice([b for b in BACKGROUNDS if b not in used_colors])
+            size = o.size or rng.choice(list(v.sizes))
+            phrases.append(f"a {size} {color} {o.shape} {v.positions[position][0]}")
+        background = parsed.background or rng.choice([b for b in v.backgrounds if b not in used_colors])
         text = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
         article = "an" if background[0] in "aeiou" else "a"
         return f"{text} on {article} {background} background"

@@ -48,6 +48,18 @@ class Variant:
     movq_file: str | None = "weights/movq.pt"
     text_encoder_dir: str | None = "weights/flan_ul2_encoder"
     local_dir: Path | None = None  # weights shipped with the package
+    inpainting: bool | None = None  # takes inpainting's extra channels; None: files that don't say (read the config)
+    beautifier: str = "local"  # what beautify=True uses: an LLM, or "template" (the model's vocabulary.json)
+
+    @property
+    def is_inpainting(self) -> bool:
+        """Whether the U-Net takes inpainting's extra input channels (keep-mask + masked-image latent after x_t).
+
+        Declared by the registry's inpainting variant; a folder whose metadata doesn't say is read from its U-Net
+        config (latent + masked-image latent + mask channels)."""
+        if self.inpainting is not None:
+            return self.inpainting
+        return self.unet.num_channels == 2 * self.movq.embed_dim + 1
 
     @property
     def official_files(self) -> list[str]:
@@ -80,6 +92,7 @@ VARIANTS: dict[str, Variant] = {
             "Kandinsky 3.1 inpainting: 9-channel U-Net (latent, mask, masked-image latent)",
             UNetConfig(num_channels=9),
             sampler=SamplerDefaults(guidance=4.0, threshold_percentile=0.95),
+            inpainting=True,
             unet_file="weights/kandinsky3_inpainting.pt",
             projection_file="weights/flan_ul2_encoder/projection_inpainting.pt",
         ),
@@ -118,6 +131,7 @@ VARIANTS: dict[str, Variant] = {
                 tile_sample_min_size=64,
             ),
             sampler=SamplerDefaults(guidance=1.0),  # the best of a sweep for nano (docs/nano.md)
+            beautifier="template",  # an LLM knows nothing of nano's 40 words; its vocabulary.json does
             size=64,
             text_encoder="nano-t5",
             hub_repo=None,

@@ -14,10 +14,23 @@ from typing import Any, ClassVar
 
 from .diffusion.sampling import SAMPLERS
 from .images import PIXEL_ROUNDING
-from .registry import Variant
+from .registry import VARIANTS, Variant
 
 DEFAULT_GUIDANCE = 3.0  # the official T2I w, used when a Flash variant is run with a guided sampler
 MAX_SEED = 2**63 - 1
+
+
+def _multiple(name: str) -> int:
+    """A registered variant's size multiple: MoVQ downsampling × U-Net downsampling (``Kandinsky3.size_multiple``)."""
+    v = VARIANTS[name]
+    return v.movq.downsample_factor * v.unet.downsample_factor
+
+
+_GUIDANCE_DEFAULTS = f"{VARIANTS['base'].sampler.guidance} for base, {VARIANTS['nano'].sampler.guidance} for nano"
+_SIZE_HELP = (
+    f"pixels, a multiple of {_multiple('base')} ({_multiple('nano')} for nano) (default: the model's size, "
+    f"{VARIANTS['base'].size} for base, {VARIANTS['nano'].size} for nano)"
+)
 
 
 def option(help: str, **cli) -> dict:
@@ -34,10 +47,13 @@ class GenerationSettings:
     steps: int | None = field(default=None, metadata=option("denoising steps (default: the model's; 4 for Flash)"))
     guidance: float | None = field(
         default=None,
-        metadata=option("guidance weight w: ε = (w+1)·ε_cond − w·ε_uncond; 0 disables guidance (default: the model's)"),
+        metadata=option(
+            "guidance weight w: ε = (w+1)·ε_cond − w·ε_uncond; 0 disables guidance (default: the model's, "
+            f"{_GUIDANCE_DEFAULTS})"
+        ),
     )
-    width: int | None = field(default=None, metadata=option("pixels, a multiple of 64 (default: the model's size)"))
-    height: int | None = field(default=None, metadata=option("pixels, a multiple of 64 (default: the model's size)"))
+    width: int | None = field(default=None, metadata=option(_SIZE_HELP))
+    height: int | None = field(default=None, metadata=option(_SIZE_HELP))
     num_images: int = field(default=1, metadata=option("images per prompt"))
     seed: int | list[int] | None = field(
         default=None,
@@ -158,9 +174,10 @@ class TextToImage(GenerationSettings):
     beautify: Any = field(
         default=None,
         metadata=option(
-            "expand the prompt first: template (shapes world), local (an LLM) or a server URL",
+            "expand the prompt first: with no value the model's own beautifier (template for nano, a local LLM "
+            "otherwise); or template (the model's vocabulary, no model), local (an LLM) or a server URL",
             nargs="?",
-            const="local",
+            const=True,
             metavar="BACKEND",
         ),
     )

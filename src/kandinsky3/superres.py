@@ -1,10 +1,13 @@
 """``SuperRes``: KandiSuperRes pixel-diffusion upscaling (spec §7), standard and Flash modes.
 
+Both modes are the shared sampler functions over a wrapped U-Net (``Denoiser`` with the low-res image as an
+``ImageCondition``), with no loop of their own.
 Standard: x0-prediction, ``DPMSolverMultistepScheduler`` (linear betas, ``prediction_type="sample"``), 5 steps,
-MultiDiffusion over 1024-px windows with stride 800, each view batch with its own solver history; views averaged
-uniformly (official, ``blend="uniform"``) or faded out at inner edges (``blend="ramp"``, the default: no seams).
-Flash: 4 re-noised steps on the whole image, then a one-step latent refine with the K3 Flash U-Net and the MoVQ
-over blended tiles.
+run by ``sample_with_scheduler`` over a ``MultiDiffusion`` canvas of 1024-px windows with stride 800; view
+predictions averaged uniformly (official, ``blend="uniform"``) or faded out at inner edges (``blend="ramp"``, the
+default: no seams).
+Flash: ``sample_flash`` (4 re-noised steps, x0-prediction) on the whole image, then a one-step latent refine
+(``sample_flash`` at t=229 with the K3 Flash U-Net) of the MoVQ latent over blended tiles.
 """
 
 from __future__ import annotations
@@ -15,8 +18,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .diffusion import FLASH_TIMESTEPS, NoiseSchedule
-from .diffusion.tiling import BLENDS, ViewAverager, crop, get_views
+from .diffusion import (
+    FLASH_TIMESTEPS,
+    Conditioning,
+    Denoiser,
+    ImageCondition,
+    MultiDiffusion,
+    NoiseSchedule,
+    NoiseSource,
+    sample_flash,
+    sample_with_scheduler,
+)
+from .diffusion.tiling import BLENDS
 from .images import as_pil, pil_to_tensor, tensor_to_pil, with_metadata
 from .models.superres import RefineParts, SuperResUNet, refine_context_from_text_encoder
 from .models.tiles import tiled_map
@@ -150,9 +163,6 @@ class SuperRes:
     def _standard(
         self, image, scale, steps, generator, window, stride, view_batch_size, blend, progress
     ) -> torch.Tensor:
-        from tqdm.auto import tqdm
-
-        p = self._param()
         w, h = image.size
         lowres = pil_to_tensor(image).to(self.device)
         H, W = (h + h % 2) * scale, (w + w % 2) * scale
@@ -160,26 +170,13 @@ class SuperRes:
         H, W = -(-H // f) * f, -(-W // f) * f
         if window and window % f:
             raise ValueError(f"window {window} must be a multiple of {f}")
-        img = torch.randn(1, 3, H, W, generator=generator, device=generator.device).to(self.device)
+        noise = NoiseSource(generator)
         up_lr = F.interpolate(lowres, size=(H, W), mode="bilinear", align_corners=False)
-        views = get_views(H, W, window, stride) if window else [(0, H, 0, W)]
-        batches = [views[i : i + view_batch_size] for i in range(0, len(views), view_batch_size)]
-        schedulers = [make_dpm_scheduler(steps) for _ in batches]  # each view batch keeps its own history
-        timesteps = schedulers[0].timesteps
-        bar = tqdm(total=len(timesteps) * len(views), desc="upscaling", disable=not progress, leave=False)
-        for t in timesteps:
-            average = ViewAverager(img, blend, ramp=max(0, (window or 0) - stride))
-            for batch, scheduler in zip(batches, schedulers):
-                x = torch.cat([crop(img, v) for v in batch])
-                low = torch.cat([crop(up_lr, v) for v in batch])
-                time = torch.full((x.shape[0],), float(t), device=self.device)
-                x0 = self.unet(x.to(p.dtype), time, low.to(p.dtype)).float()
-                x_prev = scheduler.step(x0, t, x).prev_sample
-                for view, result in zip(batch, x_prev.split(1)):
-                    average.add(view, result)
-                bar.update(len(batch))
-            img = average.result()
-        bar.close()
+        denoise = MultiDiffusion(
+            Denoiser(self.unet, ImageCondition(up_lr)), H, W, window, stride, view_batch_size, blend
+        )
+        img = noise.randn((1, 3, H, W), self.device)
+        img = sample_with_scheduler(denoise, img, make_dpm_scheduler(steps), steps, noise, progress=progress)
         return self._to_size(img, h * scale, w * scale)
 
     @staticmethod
@@ -193,45 +190,33 @@ class SuperRes:
 
     @torch.no_grad()
     def _flash(self, image, scale, generator, refine, progress) -> torch.Tensor:
-        from tqdm.auto import tqdm
-
-        p = self._param()
         w, h = image.size
         small = image.resize((w - w % 32, h - h % 32), Image.BICUBIC) if (w % 32 or h % 32) else image
         if small.width == 0 or small.height == 0:
             raise ValueError("Flash super-resolution needs an image of at least 32x32 pixels")
-        lowres = pil_to_tensor(small).to(self.device)
-        schedule = NoiseSchedule.named("linear")
-        img = torch.randn(
-            1, 3, small.height * scale, small.width * scale, generator=generator, device=generator.device
-        ).to(self.device)
-        for t in tqdm(FLASH_TIMESTEPS, desc="upscaling (flash)", disable=not progress, leave=False):
-            noise = torch.randn(img.shape, generator=generator, device=generator.device).to(self.device)
-            x_t = schedule.q_sample(img, t, noise)
-            img = self.unet(x_t.to(p.dtype), torch.full((1,), float(t), device=self.device), lowres.to(p.dtype)).float()
+        noise = NoiseSource(generator)
+        denoise = Denoiser(self.unet, ImageCondition(pil_to_tensor(small)))
+        img = noise.randn((1, 3, small.height * scale, small.width * scale), self.device)
+        img = sample_flash(
+            denoise, img, NoiseSchedule.named("linear"), FLASH_TIMESTEPS, noise, progress, prediction_type="sample"
+        )
         if refine and self.refine_parts is not None:
-            img = self._refine(img.clamp(-1, 1), generator)
+            img = self._refine(img.clamp(-1, 1), noise)
         return self._to_size(img, h * scale, w * scale)
 
-    def _refine(self, img: torch.Tensor, generator) -> torch.Tensor:
+    def _refine(self, img: torch.Tensor, noise: NoiseSource) -> torch.Tensor:
+        """One Flash step of the K3 Flash U-Net on the MoVQ latent of the image, over blended latent tiles."""
         r = self.refine_parts
         schedule = NoiseSchedule.named("cosine")
-        mp, up = next(r.movq.parameters()), next(r.unet.parameters())
+        mp = next(r.movq.parameters())
         z = r.movq.encode(img.to(mp.device, mp.dtype), tiled=True).float()  # the KandiSuperRes MoVQ tiles
-        context, mask = r.context.to(up.device, up.dtype), r.context_mask.to(up.device)
-
+        denoise = Denoiser(r.unet, Conditioning(r.context, r.context_mask.bool()))
         f = r.unet.config.downsample_factor
 
         def one_step(tile: torch.Tensor) -> torch.Tensor:
             h, w = tile.shape[-2:]
             tile = F.pad(tile, (0, -w % f, 0, -h % f), mode="replicate")  # border tiles: pad to the U-Net's factor
-            noise = torch.randn(tile.shape, generator=generator, device=generator.device).to(tile.device)
-            x_t = schedule.q_sample(tile, r.timestep, noise)
-            time = torch.full((tile.shape[0],), float(r.timestep), device=up.device)
-            eps = r.unet(
-                x_t.to(up.dtype), time, context.expand(tile.shape[0], -1, -1), mask.expand(tile.shape[0], -1).bool()
-            ).float()
-            return schedule.x0_from_eps(x_t, r.timestep, eps)[..., :h, :w]
+            return sample_flash(denoise, tile, schedule, [r.timestep], noise)[..., :h, :w]
 
         z = tiled_map(z, one_step, r.tile, r.stride) if max(z.shape[-2:]) > r.tile else one_step(z)
         return r.movq.decode(z.to(mp.dtype), tiled=True).float()

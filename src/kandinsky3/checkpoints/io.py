@@ -105,8 +105,21 @@ def load_json(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path} is not valid JSON ({exc})") from exc
 
 
+def check_finite(tensors: Mapping[str, torch.Tensor], what: str):
+    """Refuse weights holding NaN or ±inf (a diverged training run, a bad conversion), naming the first tensor."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = "NaN" if bool(torch.isnan(tensor).any()) else "inf"
+            raise CheckpointError(
+                f"{what}: tensor {name!r} holds {bad} values; the file is damaged or comes from a diverged run — "
+                "re-download it or export an earlier checkpoint"
+            )
+
+
 def load_into(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], what: str, strict: bool = True):
-    """``load_state_dict`` with an error that lists what is missing, unexpected or mis-shaped."""
+    """``load_state_dict`` with an error that lists what is missing, unexpected or mis-shaped, or names a tensor
+    holding NaN / inf."""
+    check_finite(state_dict, what)
     state_dict = _with_tied_aliases(module, state_dict)
     own = module.state_dict()
     missing = sorted(set(own) - set(state_dict))

@@ -80,8 +80,11 @@ def unet_from_diffusers(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
     return unet, projection
 
 
-def unet_config_to_diffusers(config: UNetConfig, encoder_hid_dim: int | None = None) -> dict:
-    """``encoder_hid_dim``: the text encoder's width (the projection's input), by default ``context_dim``."""
+def unet_config_to_diffusers(config: UNetConfig, encoder_hid_dim: int | None = None, strict: bool = True) -> dict:
+    """``encoder_hid_dim``: the text encoder's width (the projection's input), by default ``context_dim``.
+
+    ``strict=False`` writes the nearest diffusers config for a U-Net it cannot express (the exact config then
+    lives in our side file) instead of raising."""
     channels = [config.model_channels * m for m in config.dim_mult]
     representable = (
         config.resolved_init_channels == channels[0] // 2
@@ -92,7 +95,7 @@ def unet_config_to_diffusers(config: UNetConfig, encoder_hid_dim: int | None = N
         and config.expansion_ratio == 4
         and config.compression_ratio == 2
     )
-    if not representable:
+    if not representable and strict:
         raise ValueError(
             "diffusers' Kandinsky3UNet cannot express this U-Net config (it hard-codes init_channels = "
             "block_out_channels[0]/2, equal blocks per level, attention pattern (F,T,T,T) and out = in channels; "

@@ -3,7 +3,13 @@
 - official (``ai-forever/Kandinsky3.1``): ``weights/kandinsky3*.pt`` ({'unet', 'null_embedding'}),
   ``weights/movq.pt``, ``weights/flan_ul2_encoder/`` (T5 + tokenizer + ``projection*.pt``);
 - diffusers (``kandinsky-community/kandinsky-3``): ``model_index.json``, ``unet/``, ``movq/``, ``text_encoder/``,
-  ``tokenizer/``; we add ``unet/null_embedding.safetensors`` when we know it, so nothing is lost;
+  ``tokenizer/``; we add ``unet/null_embedding.safetensors`` when we know it and ``kandinsky3_defaults.json``
+  (our exact configs and sampler defaults), so nothing is lost. A U-Net that diffusers' ``Kandinsky3UNet`` cannot
+  express (nano: cross-attention at every level) is still written with diffusers key names and loads here from
+  the side file; diffusers itself cannot run it;
+  ``weights/kandinsky3*.config.json`` is our side file beside the U-Net file (configs, sampler defaults, size),
+  written by every conversion so a model that is not a released preset (nano, tiny) loads back unchanged;
+  official code never opens it;
 - native (this project, safetensors): ``kandinsky3.json``, ``unet.safetensors`` (official keys +
   ``null_embedding``), ``projection.safetensors``, ``movq.safetensors``, ``text_encoder/``.
 
@@ -79,6 +85,39 @@ def _official_relative(path: str) -> str:
     return path.removeprefix("weights/")
 
 
+def official_sidecar(unet_file: Path) -> Path:
+    """Our config side file beside an official U-Net file: ``kandinsky3.pt`` → ``kandinsky3.config.json``."""
+    return unet_file.with_name(unet_file.stem + ".config.json")
+
+
+def _variant_meta(raw: "RawCheckpoint") -> dict:
+    """What a side file records so a model loads back exactly: name, configs, sampler defaults, size."""
+    v = raw.variant
+    return {
+        "format": "kandinsky3-sidecar",
+        "name": v.name,
+        "variant": _base_name(v),
+        "unet": v.unet.to_dict(),
+        "movq": v.movq.to_dict(),
+        "sampler": v.sampler.to_dict(),
+        "size": v.size,
+    }
+
+
+def _apply_meta(variant: Variant, meta: dict) -> Variant:
+    changes = {}
+    if "unet" in meta:
+        changes["unet"] = UNetConfig.from_dict(meta["unet"])
+    if "movq" in meta:
+        changes["movq"] = MoVQConfig.from_dict(meta["movq"])
+    if "sampler" in meta:
+        changes["sampler"] = SamplerDefaults(**meta["sampler"])
+    named = VARIANTS.get(meta.get("variant", ""))
+    if named is not None and named.name != variant.name:
+        changes["description"] = named.description
+    return replace(variant, name=meta.get("name", variant.name), size=meta.get("size", variant.size), **changes)
+
+
 def read_official(root: Path, variant: Variant | None = None) -> RawCheckpoint:
     variant = variant or VARIANTS["base"]
     if not variant.unet_file:
@@ -89,7 +128,7 @@ def read_official(root: Path, variant: Variant | None = None) -> RawCheckpoint:
         for name in ("unet_file", "projection_file", "movq_file")
     }
     missing = [str(p) for p in files.values() if not p.is_file()]
-    te_dir = wdir / _official_relative(variant.text_encoder_dir)
+    te_dir = wdir / _official_relative(variant.text_encoder_dir or "weights/flan_ul2_encoder")
     if missing:
         raise CheckpointError(f"official {variant.name} checkpoint is incomplete; missing: {', '.join(missing)}")
     blob = load_file(files["unet_file"])
@@ -98,14 +137,19 @@ def read_official(root: Path, variant: Variant | None = None) -> RawCheckpoint:
     unet = tensors_only(blob["unet"], str(files["unet_file"]))
     null = blob.get("null_embedding")
     movq = tensors_only(load_file(files["movq_file"]), str(files["movq_file"]))
-    configs = dict(unet=infer_unet_config(unet, variant.unet), movq=infer_movq_config(movq, variant.movq))
-    if (configs["unet"], configs["movq"]) != (variant.unet, variant.movq):
-        configs.update(
-            name=f"{variant.name}-custom",
-            description=f"{variant.name} file layout with non-release sizes (configs read from the shapes)",
-        )
+    sidecar = official_sidecar(files["unet_file"])
+    if sidecar.is_file():  # written by our conversions: the exact configs, not inferred ones
+        resolved = _apply_meta(variant, load_json(sidecar))
+    else:
+        configs = dict(unet=infer_unet_config(unet, variant.unet), movq=infer_movq_config(movq, variant.movq))
+        if (configs["unet"], configs["movq"]) != (variant.unet, variant.movq):
+            configs.update(
+                name=f"{variant.name}-custom",
+                description=f"{variant.name} file layout with non-release sizes (configs read from the shapes)",
+            )
+        resolved = replace(variant, **configs)
     return RawCheckpoint(
-        variant=replace(variant, **configs),
+        variant=resolved,
         unet=unet,
         projection=tensors_only(load_file(files["projection_file"]), str(files["projection_file"])),
         movq=movq,
@@ -120,6 +164,7 @@ def write_official(raw: RawCheckpoint, root: str | Path):
     unet_file = v.unet_file or "weights/kandinsky3.pt"
     projection_file = v.projection_file or "weights/flan_ul2_encoder/projection.pt"
     save_torch({"unet": raw.unet, "null_embedding": raw.null_embedding}, wdir / _official_relative(unet_file))
+    save_json(_variant_meta(raw), official_sidecar(wdir / _official_relative(unet_file)))
     save_torch(raw.projection, wdir / _official_relative(projection_file))
     save_torch(raw.movq, wdir / "movq.pt")
     _copy_text_encoder(raw, wdir / "flan_ul2_encoder", wdir / "flan_ul2_encoder")
@@ -142,16 +187,34 @@ def read_native(root: Path, variant: Variant | None = None) -> RawCheckpoint:
     )
     unet = load_file(root / "unet.safetensors")
     null = unet.pop("null_embedding", None)
-    te = root / "text_encoder"
+    shared = _shared_root(root, meta)
+    te = shared / "text_encoder"
     return RawCheckpoint(
         v,
         unet,
-        load_file(root / "projection.safetensors"),
-        load_file(root / "movq.safetensors"),
+        load_file(shared / "projection.safetensors"),
+        load_file(shared / "movq.safetensors"),
         null,
         te if te.is_dir() else None,
         extra=meta.get("extra", {}),
     )
+
+
+def _shared_root(root: Path, meta: dict) -> Path:
+    """Where the text encoder, projection and MoVQ of a native folder are: the folder itself, or — for a variant
+    that only retrains the U-Net (nano-flash) — the model its ``"shares"`` key names (a registered name or a path
+    relative to the folder), so the package holds one copy of them."""
+    name = meta.get("shares")
+    if not name:
+        return root
+    named = VARIANTS.get(name)
+    shared = named.local_dir if named is not None and named.local_dir else (root / name)
+    if not (shared / "movq.safetensors").is_file():
+        raise CheckpointError(
+            f"{root / NATIVE_CONFIG} shares its text encoder and MoVQ with {name!r}, which has no model folder "
+            f"({shared}): install that model, or convert a complete copy"
+        )
+    return shared
 
 
 def write_native(raw: RawCheckpoint, root: str | Path):
@@ -204,22 +267,21 @@ def read_diffusers(root: Path, variant: Variant | None = None) -> RawCheckpoint:
     from ..models.unet import UNet
 
     unet_cfg, _ = keymaps.unet_config_from_diffusers(load_json(root / "unet" / "config.json"))
+    extra_file = root / DIFFUSERS_SIDECAR
+    meta = load_json(extra_file) if extra_file.is_file() else {}  # our exact configs, written by write_diffusers
+    if "unet" in meta:
+        unet_cfg = UNetConfig.from_dict(meta["unet"])
     unet, projection = keymaps.unet_from_diffusers(load_file(_diffusers_weights(root / "unet")))
     movq_cfg = keymaps.movq_config_from_diffusers(load_json(root / "movq" / "config.json"))
+    if "movq" in meta:
+        movq_cfg = MoVQConfig.from_dict(meta["movq"])
     movq = keymaps.movq_from_diffusers(load_file(_diffusers_weights(root / "movq")), movq_cfg)
     null_file = root / "unet" / "null_embedding.safetensors"
     null = load_file(null_file)["null_embedding"] if null_file.is_file() else None
-    extra_file = root / DIFFUSERS_SIDECAR
     base = variant or VARIANTS["base"]
     v = replace(base, unet=unet_cfg, movq=movq_cfg)
-    if extra_file.is_file():  # our own sampler defaults, written by write_diffusers
-        meta = load_json(extra_file)
-        v = replace(
-            v,
-            name=meta.get("name", v.name),
-            sampler=SamplerDefaults(**meta.get("sampler", {})),
-            size=meta.get("size", v.size),
-        )
+    if meta:
+        v = _apply_meta(v, {**meta, "unet": unet_cfg.to_dict(), "movq": movq_cfg.to_dict()})
     te, tok = root / "text_encoder", root / "tokenizer"
     with torch.device("meta"):
         unet, movq = _module_order(unet, UNet(unet_cfg)), _module_order(movq, MoVQ(movq_cfg))
@@ -236,7 +298,8 @@ def write_diffusers(raw: RawCheckpoint, root: str | Path):
     root = Path(root)
     v = raw.variant
     save_json(
-        keymaps.unet_config_to_diffusers(v.unet, raw.projection["0.weight"].shape[1]), root / "unet" / "config.json"
+        keymaps.unet_config_to_diffusers(v.unet, raw.projection["0.weight"].shape[1], strict=False),
+        root / "unet" / "config.json",
     )
     save_safetensors(
         keymaps.unet_to_diffusers(raw.unet, raw.projection), root / "unet" / "diffusion_pytorch_model.safetensors"
@@ -270,7 +333,7 @@ def write_diffusers(raw: RawCheckpoint, root: str | Path):
         },
         root / "model_index.json",
     )
-    save_json({"name": v.name, "sampler": v.sampler.to_dict(), "size": v.size}, root / DIFFUSERS_SIDECAR)
+    save_json(_variant_meta(raw), root / DIFFUSERS_SIDECAR)
     _copy_text_encoder(raw, root / "text_encoder", root / "tokenizer")
 
 

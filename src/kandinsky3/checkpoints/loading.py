@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 
 from ..models.movq import MoVQ
+from ..models.seeding import drawing_from
 from ..models.text import TextEncoder, build_word_tokenizer, make_projection
 from ..models.unet import UNet
 from ..registry import ALIASES, DEFAULT_VARIANT, VARIANTS, Variant, get_variant
-from .io import CheckpointError, cast_floating, load_into
+from .io import CheckpointError, cast_floating, check_finite, load_into
 from .layouts import WRITERS, RawCheckpoint, read
 
 
@@ -130,6 +131,8 @@ def build_text_encoder(raw: RawCheckpoint, dtype=None, device="cpu", quantizatio
 
     if raw.text_encoder_dir is None:
         raise CheckpointError("the checkpoint has no text encoder folder (T5 config + weights + tokenizer)")
+    if raw.null_embedding is not None:
+        check_finite({"null_embedding": raw.null_embedding}, "U-Net checkpoint")
     kwargs = {"dtype": parse_dtype(dtype)}
     if quantization in ("8bit", "4bit"):
         try:
@@ -174,8 +177,16 @@ def load_components(
     root, named = resolve(name_or_path, local_files_only)
     if variant is not None:
         named = get_variant(variant)
-    if root is None:
-        return tiny_components(named, device=device)
+    if root is None:  # the random tiny preset: built in fp32, then cast like loaded weights
+        tiny = tiny_components(named, device=device)
+        for module, dtype in (
+            (tiny.unet, unet_dtype),
+            (tiny.movq, movq_dtype),
+            (tiny.text_encoder, text_encoder_dtype),
+        ):
+            if dtype is not None:
+                module.to(parse_dtype(dtype))
+        return tiny
     raw = read(root, named)
     return Components(
         variant=raw.variant,
@@ -199,8 +210,7 @@ def tiny_components(variant: Variant | None = None, seed: int = 0, device="cpu")
     from transformers import T5Config, T5EncoderModel
 
     variant = variant or VARIANTS["tiny"]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with drawing_from(torch.Generator().manual_seed(seed)):
         tokenizer = build_word_tokenizer(list(TINY_WORDS))
         t5 = T5EncoderModel(
             T5Config(

@@ -1,6 +1,6 @@
 """Diffusion maths on tensors: schedules, samplers, guidance. Knows nothing about files."""
 
-from .conditioning import Adapter, Conditioning, Denoiser, ExtraChannels
+from .conditioning import Adapter, Conditioning, Denoiser, ExtraChannels, ImageCondition
 from .sampling import (
     FLASH_TIMESTEPS,
     SAMPLERS,
@@ -15,6 +15,7 @@ from .sampling import (
     sample_with_scheduler,
 )
 from .schedule import NoiseSchedule, dynamic_threshold
+from .tiling import MultiDiffusion
 
 __all__ = [
     "Adapter",
@@ -23,6 +24,8 @@ __all__ = [
     "ExtraChannels",
     "FLASH_TIMESTEPS",
     "GenerationCancelled",
+    "ImageCondition",
+    "MultiDiffusion",
     "NoiseSchedule",
     "NoiseSource",
     "SAMPLERS",

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
+
+from .tiling import View, crop
 
 BRANCHES = ("cond", "uncond")
 
@@ -47,6 +50,11 @@ class Conditioning:
     def batch_size(self) -> int:
         return self.context.shape[0]
 
+    @property
+    def guidable(self) -> bool:
+        """Whether there is an unconditional branch to guide against."""
+        return self.uncond_context is not None
+
     def to(self, device=None, dtype=None) -> "Conditioning":
         return replace(self, **{k: _move(getattr(self, k), device, dtype) for k in self.__dataclass_fields__})
 
@@ -55,6 +63,27 @@ class Conditioning:
         if branch == "cond":
             return dict(context=self.context, context_mask=self.context_mask, context_lengths=self.context_lengths)
         return dict(context=self.uncond_context, context_mask=self.uncond_mask, context_lengths=self.context_lengths)
+
+
+@dataclass
+class ImageCondition:
+    """A spatial condition at the canvas size, one U-Net keyword input (KandiSuperRes: the bilinearly upsampled
+    low-resolution image, ``lowres``). It has no unconditional branch; :meth:`crop` cuts it with the views of a
+    MultiDiffusion canvas."""
+
+    image: torch.Tensor
+    keyword: str = "lowres"
+
+    guidable = False
+
+    def to(self, device=None, dtype=None) -> "ImageCondition":
+        return replace(self, image=_move(self.image, device, dtype))
+
+    def unet_inputs(self, branch: str) -> dict:
+        return {self.keyword: self.image}
+
+    def crop(self, views: Sequence[View]) -> "ImageCondition":
+        return replace(self, image=torch.cat([crop(self.image, v) for v in views]))
 
 
 class Adapter(Protocol):
@@ -83,7 +112,8 @@ class ExtraChannels:
 
 
 class Denoiser:
-    """Wraps a U-Net with its conditioning and adapters: ``denoiser(x_t, t) → ε`` in fp32.
+    """Wraps a U-Net with its conditioning and adapters: ``denoiser(x_t, t) → ε`` in fp32 (or x0, for a U-Net that
+    predicts x0 such as KandiSuperRes'; the conditioning is a :class:`Conditioning` or an :class:`ImageCondition`).
 
     With guidance weight w ≠ 0 (and an unconditional branch) it runs one doubled batch, condition first (the
     official order) — every keyword input of the two branches is stacked the same way — and returns
@@ -103,7 +133,15 @@ class Denoiser:
         self.cond = conditioning.to(self.device, self.dtype)
         self.adapters = [a.to(self.device, self.dtype) for a in adapters]
         self.guidance_weight = guidance_weight
-        self.guided = guidance_weight != 0 and conditioning.uncond_context is not None
+        self.guided = guidance_weight != 0 and conditioning.guidable
+
+    def crop(self, views: Sequence[View]) -> "Denoiser":
+        """The denoiser of a batch of views of a canvas (one view per row): spatial conditions are cut with them."""
+        if self.adapters:
+            raise ValueError("per-step adapters are not view-aware: MultiDiffusion takes a denoiser without adapters")
+        views_denoiser = copy.copy(self)
+        views_denoiser.cond = self.cond.crop(views)
+        return views_denoiser
 
     def _inputs(self, x_t: torch.Tensor, t: torch.Tensor, branch: str) -> dict:
         inputs = self.cond.unet_inputs(branch)

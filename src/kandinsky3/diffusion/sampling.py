@@ -151,12 +151,18 @@ def sample_flash(
     noise=None,
     progress=None,
     callback: StepCallback | None = None,
+    prediction_type: str = "epsilon",
 ) -> torch.Tensor:
-    """Kandinsky 3.1 Flash: at each t re-noise the current x0 estimate with fresh noise, predict, take x0."""
+    """Kandinsky 3.1 Flash: at each t re-noise the current x0 estimate with fresh noise, predict, take x0.
+
+    ``prediction_type="sample"``: the denoiser predicts x0 itself (KandiSuperRes Flash)."""
+    if prediction_type not in ("epsilon", "sample"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'sample', got {prediction_type!r}")
     img = x.float()
     for step, t in enumerate(_steps(list(timesteps), progress)):
         x_t = schedule.q_sample(img, t, randn_like(img, noise))
-        img = schedule.x0_from_eps(x_t, t, denoise(x_t, t))
+        out = denoise(x_t, t)
+        img = out if prediction_type == "sample" else schedule.x0_from_eps(x_t, t, out)
         _report(callback, step, t, img)
     return img
 
@@ -173,7 +179,8 @@ def sample_with_scheduler(
     x0: torch.Tensor | None = None,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
-    """Any diffusers ε-prediction scheduler as an alternative sampler (x is unit noise).
+    """Any diffusers scheduler as a sampler (x is unit noise); the denoiser predicts what the scheduler's
+    ``prediction_type`` says (ε for the K3 U-Nets, x0 for KandiSuperRes).
 
     With ``x0`` and ``strength`` < 1 it starts part-way (image→image), as diffusers' img2img does.
     """

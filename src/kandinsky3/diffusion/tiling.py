@@ -80,3 +80,30 @@ class ViewAverager:
 
     def result(self) -> torch.Tensor:
         return self.value / self.count
+
+
+class MultiDiffusion:
+    """A denoiser over a canvas made of overlapping views (KandiSuperRes, spec §7.3): each batch of views is denoised
+    by ``denoiser.crop(views)`` and the per-view predictions are averaged (``blend``) into one canvas prediction.
+
+    Averaging the predictions and taking one solver step on the canvas is the official rule of stepping every view
+    with its own solver and averaging the stepped views: a DDIM/DPM-Solver step is linear in (x_t, the prediction
+    history) with coefficients shared by all views, and the view weights sum to one (parity test to fp32 rounding).
+    The canvas has batch 1.
+    """
+
+    def __init__(self, denoiser, height: int, width: int, window: int, stride: int, view_batch_size: int, blend: str):
+        if blend not in BLENDS:
+            raise ValueError(f"blend must be one of {BLENDS}, got {blend!r}")
+        self.denoiser, self.blend = denoiser, blend
+        self.views = get_views(height, width, window, stride) if window else [(0, height, 0, width)]
+        self.batches = [self.views[i : i + view_batch_size] for i in range(0, len(self.views), view_batch_size)]
+        self.ramp = max(0, window - stride) if window else 0
+
+    def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
+        average = ViewAverager(x, self.blend, ramp=self.ramp)
+        for batch in self.batches:
+            prediction = self.denoiser.crop(batch)(torch.cat([crop(x, v) for v in batch]), t)
+            for view, result in zip(batch, prediction.split(1)):
+                average.add(view, result)
+        return average.result()

@@ -17,6 +17,7 @@ class AlignmentReport:
     steps: int
     misses: dict = field(default_factory=dict)  # group → {attribute: objects whose stated attribute is wrong, objects}
     aligned: list = field(default_factory=list)  # (group, 0 | 1) per caption, in order: for paired comparisons
+    sampler: str = "k3"
 
     @property
     def counts(self) -> dict:
@@ -42,7 +43,7 @@ class AlignmentReport:
     def table(self) -> str:
         """Aligned captions per group, and which stated attributes were wrong (as a share of the group's objects)."""
         lines = [
-            f"guidance {self.guidance}, {self.steps} steps",
+            f"{self.sampler} sampler, guidance {self.guidance}, {self.steps} steps",
             f"{'captions':<28}{'aligned':>10}{'n':>6}   wrong per object: colour / shape / position",
         ]
         counts = self.counts
@@ -58,6 +59,7 @@ class AlignmentReport:
         return {
             "guidance": self.guidance,
             "steps": self.steps,
+            "sampler": self.sampler,
             "rates": {g: a / n for g, (a, n) in counts.items()},
             "counts": counts,
             "misses": self.misses,
@@ -109,6 +111,7 @@ def evaluate_alignment(
     split: str = "val",
     held_out: int | None = None,
     progress: bool = True,
+    sampler: str | None = None,
 ) -> AlignmentReport:
     """Alignment = every stated colour, shape and position holds in the judge's reading of the image.
 
@@ -123,8 +126,8 @@ def evaluate_alignment(
     samples += [
         (s, "held-out pairs") for s in alignment_captions(held_out if held_out is not None else num // 5, "held_out")
     ]
-    settings = TextToImage(guidance=guidance, steps=steps).resolve(pipe.variant)
-    report = AlignmentReport(settings.guidance, settings.steps)
+    settings = TextToImage(guidance=guidance, steps=steps, sampler=sampler).resolve(pipe.variant)
+    report = AlignmentReport(settings.guidance, settings.steps, sampler=settings.sampler)
     bar = tqdm(total=len(samples), desc=f"alignment (guidance {settings.guidance})", disable=not progress)
     for start in range(0, len(samples), batch):
         chunk = samples[start : start + batch]
@@ -133,6 +136,7 @@ def evaluate_alignment(
             seed=seed + start,
             guidance=settings.guidance,
             steps=settings.steps,
+            sampler=settings.sampler,
             progress=False,
         )
         for (sample, group), image in zip(chunk, images):

@@ -103,15 +103,16 @@ def hard_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
 
     The official code fills masked logits with ``-finfo.max``; a row whose keys are *all* masked therefore gets a
     uniform softmax (the mean of the values). SDPA would give NaN there, so such rows get an all-True mask and a
-    zeroed query, which yields exactly the same uniform weights.
+    zeroed query, which yields exactly the same uniform weights. The fix is applied to every row (a no-op where a key
+    is attended: ``q·1``, ``mask | False``) so that no value is read back to the host: CUDA graphs and
+    ``torch.compile`` see one graph.
     """
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v)
     mask = mask.bool()
     attended = mask.any(dim=-1)  # (B,)
-    if not bool(attended.all()):
-        mask = mask | ~attended[:, None]
-        q = q * attended[:, None, None, None].to(q.dtype)
+    mask = mask | ~attended[:, None]
+    q = q * attended[:, None, None, None].to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
 
 

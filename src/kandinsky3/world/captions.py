@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
 
-from .scene import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, Scene, WorldObject
+from ..vocabulary import ParsedCaption, SceneVocabulary, Stated
+from .scene import BACKGROUNDS, COLORS, HELD_OUT_PAIRS, POSITIONS, SHAPES, SIZES, Scene, WorldObject
 
 POSITION_PHRASES = {
     "top left": ["in the top left", "at the top left", "in the top left corner"],
@@ -22,22 +22,6 @@ POSITION_PHRASES = {
 SIZE_WORDS = {"small": ["small", "little"], "large": ["large", "big"]}
 OPENERS = ["", "", "", "a picture of ", "an image of ", "there is "]
 BACKGROUND_TEMPLATES = ["on a {} background", ", {} background", "with a {} background", "over a {} background"]
-
-
-@dataclass(frozen=True)
-class Stated:
-    """What a caption says of one object; None = left unsaid."""
-
-    color: str | None
-    shape: str | None
-    size: str | None
-    position: str | None
-
-
-@dataclass(frozen=True)
-class ParsedCaption:
-    objects: tuple[Stated, ...]
-    background: str | None
 
 
 def describe_object(obj: WorldObject, rng: random.Random, p_size: float, p_position: float, p_color: float) -> str:
@@ -76,29 +60,19 @@ def caption_scene(
     return re.sub(r"\s+", " ", text).strip()
 
 
-_SIZE_LOOKUP = {w: s for s, ws in SIZE_WORDS.items() for w in ws}
-_POSITION_LOOKUP = sorted(((p, pos) for pos, ps in POSITION_PHRASES.items() for p in ps), key=lambda x: -len(x[0]))
+WORLD_VOCABULARY = SceneVocabulary(
+    shapes=SHAPES,
+    colors=tuple(COLORS),
+    backgrounds=tuple(BACKGROUNDS),
+    sizes={s: tuple(SIZE_WORDS[s]) for s in SIZES},
+    positions={p: tuple(POSITION_PHRASES[p]) for p in POSITIONS},
+    excluded=HELD_OUT_PAIRS,
+)
 
 
 def parse_caption(text: str) -> ParsedCaption:
     """Read back the stated attributes of a caption written by :func:`caption_scene` (or by hand, same words)."""
-    text = " " + text.lower().replace(",", " , ") + " "
-    background = None
-    m = re.search(r"(?:on an?|with an?|over an?|,)\s+(\w+)\s+background", text)
-    if m and m.group(1) in BACKGROUNDS:
-        background = m.group(1)
-        text = text[: m.start()] + " " + text[m.end() :]
-    objects = []
-    for chunk in re.split(r"\s(?:and|,)\s", text):
-        words = chunk.split()
-        shape = next((w for w in words if w in SHAPES), None)
-        if shape is None:
-            continue
-        color = next((w for w in words if w in COLORS), None)
-        size = next((_SIZE_LOOKUP[w] for w in words if w in _SIZE_LOOKUP), None)
-        position = next((pos for phrase, pos in _POSITION_LOOKUP if f" {phrase} " in f" {chunk} "), None)
-        objects.append(Stated(color, shape, size, position))
-    return ParsedCaption(tuple(objects), background)
+    return WORLD_VOCABULARY.parse(text)
 
 
 def vocabulary() -> list[str]:
@@ -112,3 +86,6 @@ def vocabulary() -> list[str]:
         words.update(t.replace("{}", " ").replace(",", " , ").split())
     words.update(POSITIONS[4].split())
     return sorted(words)
+
+
+__all__ = ["ParsedCaption", "Stated", "WORLD_VOCABULARY", "caption_scene", "parse_caption", "vocabulary"]

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 from .base import Recipe
 from .diffusion import DiffusionRecipe
+from .flash_add import FlashADDRecipe
 from .movq import MoVQRecipe
 from .superres import SuperResRecipe
 from .toy_gan import ToyGANRecipe
@@ -16,6 +17,7 @@ RECIPES: dict[str, type[Recipe]] = {
     "movq": MoVQRecipe,
     "diffusion": DiffusionRecipe,
     "superres": SuperResRecipe,
+    "flash": FlashADDRecipe,
     "toy_gan": ToyGANRecipe,
 }
 
