@@ -128,11 +128,13 @@ def test_health_models_docs_and_schema_from_the_dataclasses(server, client):
     spec = httpx.get(server.url + "/openapi.json").json()["components"]["schemas"]
     for name, cls in (("GenerateJob", TextToImage), ("EditJob", ImageToImage), ("InpaintJob", Inpaint),
                       ("OutpaintJob", Outpaint)):  # fmt: skip
-        fields = {f.name for f in cls.task_fields()} - {"beautify"}
+        fields = {f.name for f in cls.task_fields()}
         assert set(spec[name]["properties"]) == fields | {"task", "model"}, name
         for f in cls.task_fields():
-            if f.name != "beautify":
+            if f.name != "beautify":  # the server's narrower help: the template only
                 assert f.metadata["help"] in spec[name]["properties"][f.name]["description"]
+    beautify = spec["GenerateJob"]["properties"]["beautify"]["anyOf"]
+    assert {"const": "template", "type": "string"} in beautify or {"enum": ["template"], "type": "string"} in beautify
     ui = httpx.get(server.url + "/")
     assert ui.status_code == 200 and "/v1/jobs" in ui.text
 
@@ -199,6 +201,12 @@ def test_every_task_matches_the_python_api(server, client, tmp_path):
     _, [png] = result(client, body)
     ref = inpainting.run(Outpaint(image=picture, prompt="a blue circle", left=32, steps=STEPS, seed=6), progress=False)
     assert png == png_bytes(ref[0], tmp_path) and Image.open(io.BytesIO(png)).size == (128, 64)  # sides round up to 64
+
+    # generate with the template beautifier (the only one a request may ask the server for)
+    body = {"task": "generate", "prompt": "a star", "beautify": "template", "steps": STEPS, "seed": 8}
+    _, [png] = result(client, body)
+    ref = nano_pipe.run(TextToImage(prompt="a star", beautify="template", steps=STEPS, seed=8), progress=False)
+    assert png == png_bytes(ref[0], tmp_path) and read_metadata(Image.open(io.BytesIO(png)))["prompt"] != "a star"
 
     # upscale
     small = picture.resize((32, 32))

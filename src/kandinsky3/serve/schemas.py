@@ -2,8 +2,9 @@
 help): a field added to a request is a field of the API, as it is an option of the CLI.
 
 Images travel as base64 strings in the JSON body (a ``data:image/png;base64,`` prefix is accepted): one request
-format for scripts, the web UI and the OpenAPI page. ``beautify`` is not offered by the server (it would let a
-caller make the server load an LLM or call a URL of their choice).
+format for scripts, the web UI and the OpenAPI page. ``beautify`` takes only ``"template"`` on the server (the
+template beautifier over the model's vocabulary: no model, no network); an LLM or a URL of the caller's choice
+would let a request make the server load a model or call out.
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ TASKS: dict[str, type] = {
     "upscale": Upscale,
 }
 IMAGE_FIELDS = ("image", "mask")
-SERVER_EXCLUDED = ("beautify",)
+SERVER_EXCLUDED = ()
+#: fields whose API type is narrower than the dataclass's: the server's safe subset
+SERVER_TYPES = {"beautify": (Literal["template"] | None, "expand the prompt first with the template beautifier")}
 INPAINTING_TASKS = ("inpaint", "outpaint")
 
 
@@ -97,7 +100,10 @@ def body_model(task: str, request_cls) -> type[BaseModel]:
         if f.name in IMAGE_FIELDS:
             help_text += " — base64 PNG/JPEG (a data: URL prefix is accepted)"
         default = ... if f.default is dataclasses.MISSING else f.default
-        defs[f.name] = (_field_type(f, hints[f.name]), Field(default=default, description=help_text))
+        kind = _field_type(f, hints[f.name])
+        if f.name in SERVER_TYPES:
+            kind, help_text = SERVER_TYPES[f.name]
+        defs[f.name] = (kind, Field(default=default, description=help_text))
     name = "".join(p.capitalize() for p in task.split("_")) + "Job"
     return create_model(
         name, __config__=ConfigDict(extra="forbid", strict=True, title=name), __doc__=request_cls.__doc__, **defs

@@ -49,6 +49,7 @@ PAGE = r"""<!doctype html>
     <textarea id="prompt">a red circle in the top left on a gray background</textarea>
     <label for="negative">Negative prompt</label>
     <input id="negative" type="text">
+    <label><input id="beautify" type="checkbox"> beautify the prompt first (template)</label>
   </div>
   <div class="row">
     <div><label for="steps">Steps</label><input id="steps" type="number" min="1" placeholder="model default"></div>
@@ -200,6 +201,7 @@ function buildRequest() {
   if (task !== "upscale") {
     body.prompt = $("prompt").value;
     if ($("negative").value) body.negative_prompt = $("negative").value;
+    if ($("beautify").checked && task === "generate") body.beautify = "template";
     body.guidance = num("guidance"); body.num_images = num("num_images");
     if ($("sampler").value) body.sampler = $("sampler").value;
     if (task !== "outpaint") { body.width = num("width"); body.height = num("height"); }
