@@ -95,6 +95,7 @@ def _cheap(argv: list[str], tmp: Path) -> list[str]:
             + (["--held-out", "1"] if args.held_out else []),
             "movq": ["--num", "2"],
             "superres": ["--world", "2", "--json", str(tmp / "eval.json")],
+            "flash": ["--num", "2", "--steps", "2"],
         }[args.what]
     if args.command == "train":
         out += ["--steps", "2", "--output-dir", str(tmp / "run")]

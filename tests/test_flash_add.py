@@ -133,3 +133,17 @@ def test_flash_eval_rows_share_captions_and_use_each_rows_sampler(tiny):
     assert len({tuple(g for g, _ in r.aligned) for r in rows.values()}) == 1  # the same captions, in order
     table = flash_table(rows)
     assert all(name in table for name in rows) and len(table.splitlines()) == 5
+
+
+def test_nano_flash_is_registered_shares_nanos_parts_and_follows_the_prompt():
+    from kandinsky3 import Kandinsky3
+    from kandinsky3.eval.alignment import evaluate_alignment
+    from kandinsky3.registry import VARIANTS
+
+    folder = VARIANTS["nano-flash"].local_dir
+    assert sorted(p.name for p in folder.iterdir()) == ["kandinsky3.json", "unet.safetensors"]  # T5, MoVQ: nano's
+    pipe = Kandinsky3.from_pretrained("nano-flash", device="cpu")
+    s = pipe.variant.sampler
+    assert (s.kind, s.steps, s.guidance) == ("flash", 4, 0.0) and pipe.variant.beautifier == "template"
+    report = evaluate_alignment(pipe, 40, held_out=0, progress=False)
+    assert report.steps == 4 and report.rate("1 object") >= 0.75  # 97 % on the 500-caption eval (docs/flash.md)

@@ -436,3 +436,21 @@ def test_text_conditioning_in_training_is_the_inference_null_context(tiny):
     with torch.no_grad():  # (with gradients the attention kernels may differ in the last bits)
         again, again_mask = te.encode_ids(ids, ids_mask)
     assert torch.equal(again, context) and torch.equal(again_mask, mask)
+
+
+def test_training_progress_in_a_log_file_is_plain_lines(tmp_path, capsys):
+    """stderr not a terminal (a log file, CI): one plain line per logged step, no carriage-return bar."""
+    from kandinsky3.cli import main
+
+    config = tmp_path / "gan.yaml"
+    config.write_text(yaml.safe_dump(gan_config(tmp_path / "run", steps=10, log_every=5)))
+    assert main(["train", "toy_gan", "--config", str(config)]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("train toy_gan: step ")]
+    assert [line.split(",")[0] for line in lines] == ["train toy_gan: step 5/10", "train toy_gan: step 10/10"]
+    assert "\r" not in err and "discriminator" in lines[0]
+    assert (
+        main(["train", "toy_gan", "--config", str(config), "--output-dir", str(tmp_path / "quiet"), "--no-progress"])
+        == 0
+    )
+    assert "train toy_gan: step" not in capsys.readouterr().err

@@ -47,7 +47,7 @@ EXAMPLES = {
   kandinsky3 eval movq --model nano --num 500          # MoVQ reconstruction PSNR on held-out renders
   kandinsky3 eval superres --world 100                 # nano upscaler vs bicubic / Lanczos on world scenes
   kandinsky3 eval superres --hr-dir ./DIV2K_valid_HR --model x4 --num 100
-  kandinsky3 eval flash --model runs/nano-flash/export --teacher nano   # Flash student vs teacher and baselines""",
+  kandinsky3 eval flash --model nano-flash --teacher nano   # the Flash student vs its teacher and 4-step baselines""",
     "serve": """examples:
   kandinsky3 serve --models nano                       # http://127.0.0.1:8000/ (web UI), /docs (API)
   KANDINSKY3_API_KEY=secret kandinsky3 serve --models nano base --host 0.0.0.0 --devices cuda:0 cuda:1""",
@@ -215,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
         "learning-rate schedule follows), then exports as usual",
     )
     p.add_argument("--mixed-precision", default=None, choices=["no", "bf16", "fp16"])
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress output (a terminal otherwise gets a bar, a log file one line per logged step)",
+    )
 
     p = sub.add_parser(
         "eval",
@@ -581,7 +586,7 @@ def _eval(args):
         from .eval.flash import flash_rows, flash_table
 
         if args.model is None:
-            raise ValueError("eval flash needs --model: the distilled student (e.g. runs/nano-flash/export)")
+            raise ValueError("eval flash needs --model: the distilled student (e.g. nano-flash)")
         student = Kandinsky3.from_pretrained(args.model, device=args.device)
         teacher = Kandinsky3.from_pretrained(args.teacher, device=args.device)
         rows = flash_rows(student, teacher, args.num, args.steps or student.variant.sampler.steps)
@@ -672,7 +677,7 @@ def _train(args):
     )
     if cfg.recipe != args.recipe:
         raise ValueError(f"{args.config} is a {cfg.recipe!r} config, not {args.recipe!r}")
-    summary = train(cfg, max_steps=args.max_steps)
+    summary = train(cfg, max_steps=args.max_steps, progress=not args.no_progress)
     print(json.dumps(summary))
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .models.movq import MoVQConfig
@@ -11,6 +11,7 @@ from .models.unet import UNetConfig
 OFFICIAL_REPO = "ai-forever/Kandinsky3.1"
 DIFFUSERS_REPO = "kandinsky-community/kandinsky-3"
 NANO_DIR = Path(__file__).parent / "weights" / "nano"
+NANO_FLASH_DIR = Path(__file__).parent / "weights" / "nano-flash"
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,13 @@ VARIANTS: dict[str, Variant] = {
         ),
     ]
 }
+VARIANTS["nano-flash"] = replace(
+    VARIANTS["nano"],
+    name="nano-flash",
+    description="nano distilled to 4 Flash steps by ADD (docs/flash.md); shares nano's T5 and MoVQ",
+    sampler=SamplerDefaults(kind="flash", steps=4, guidance=0.0, threshold_percentile=None),
+    local_dir=NANO_FLASH_DIR,
+)
 ALIASES = {
     OFFICIAL_REPO.lower(): "base",
     "kandinsky3": "base",

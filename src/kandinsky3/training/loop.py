@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -317,11 +318,13 @@ def train(cfg: TrainConfig, max_steps: int | None = None, progress: bool = True)
 
     total = plan.steps if max_steps is None else min(plan.steps, run.step + max_steps)
     done = 0  # steps in this invocation
+    # a terminal gets a bar; a log file gets one plain line per logged step (no carriage-return walls)
+    plain = progress and accelerator.is_main_process and not sys.stderr.isatty()
     bar = tqdm(
         total=total,
         initial=run.step,
         desc=f"train {cfg.recipe}",
-        disable=not (progress and accelerator.is_main_process),
+        disable=plain or not (progress and accelerator.is_main_process),
     )
     for module in run.modules.values():
         module.train()
@@ -342,6 +345,11 @@ def train(cfg: TrainConfig, max_steps: int | None = None, progress: bool = True)
         if step % cfg.log_every == 0 and accelerator.is_main_process:
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, **run.running, "lr": run.lrs()}) + "\n")
+            if plain:
+                losses = ", ".join(f"{k} {v:.4f}" for k, v in run.running.items())
+                print(
+                    f"train {cfg.recipe}: step {step}/{total}, {losses}, lr {first_lr:.2e}", file=sys.stderr, flush=True
+                )
         if step % cfg.checkpoint_every == 0 or step == total:
             store.save(accelerator, step, run.write_rank_state)
         if accelerator.is_main_process and (step % cfg.sample_every == 0 or step == plan.steps):
