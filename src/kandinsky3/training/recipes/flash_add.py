@@ -34,13 +34,8 @@ from ...models.seeding import drawing_from
 from ...registry import SamplerDefaults
 from ..protocol import OptimizerSpec
 from .base import Recipe, image_grid
+from .diffusion import SAMPLE_PROMPTS
 
-SAMPLE_PROMPTS = [
-    "a red circle in the top left on a gray background",
-    "a large blue square in the center, white background",
-    "a small yellow star at the bottom right on a black background",
-    "a green triangle on the left and a purple circle on the right, gray background",
-]
 LOSSES = ("wasserstein", "hinge")
 
 
