@@ -3,6 +3,9 @@ preset (gradients where they belong), the penalties, and a short run through the
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 import torch
 
@@ -49,7 +52,7 @@ def _tiny_flash_config(out, **model) -> TrainConfig:
         {
             "recipe": "flash",
             "output_dir": str(out),
-            "model": {"teacher": "tiny", "head_width": 32, **model},
+            "model": {"teacher": "tiny", "head_width": 32, "probe_captions": 4, **model},
             "data": {"length": 8, "size": 64},
             "steps": 4,
             "batch_size": 2,
@@ -118,6 +121,17 @@ def test_short_run_checkpoints_resumes_and_exports_a_flash_model(tmp_path):
     a = load_file(tmp_path / "whole" / "export" / "unet.safetensors")
     b = load_file(tmp_path / "split" / "export" / "unet.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # resume is exact
+    # the log carries the penalty and the critic's lead per step, and the probe's alignment at the end (the curves)
+    log = [json.loads(line) for line in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
+    steps = [e for e in log if "metrics" in e]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4]
+    assert all(set(e["metrics"]) == {"critic_gap", "gradient_penalty"} for e in steps)
+    assert all(math.isfinite(v) and e["metrics"]["gradient_penalty"] >= 0 for e in steps for v in e["metrics"].values())
+    (probe,) = [e for e in log if "probe" in e]
+    assert probe["step"] == 4 and set(probe["probe"]) == {f"alignment_{n}obj_{s}steps" for n in (1, 2) for s in (4, 2)}
+    assert all(0 <= v <= 1 for v in probe["probe"].values())
+    split_log = (tmp_path / "split" / "log.jsonl").read_text()
+    assert split_log == (tmp_path / "whole" / "log.jsonl").read_text()  # a resumed run logs what an unbroken one does
     pipe = Kandinsky3.from_pretrained(str(tmp_path / "whole" / "export"), device="cpu")
     assert pipe.variant.sampler.kind == "flash" and pipe.variant.sampler.guidance == 0
     image = pipe.generate("a red circle", seed=0, progress=False)[0]

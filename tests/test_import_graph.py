@@ -17,6 +17,7 @@ FLOORS = {
     "checkpoints": 2,
     "requests": 2,
     "world": 2,
+    "edges": 2.5,  # between checkpoints (its HED weights) and tasks (the control task extracts edges)
     "tasks": 3,
     "superres": 3,
     "prompts": 3,

@@ -5,17 +5,19 @@ from .images import read_metadata, save_image
 from .models import MoVQ, MoVQConfig, UNet, UNetConfig
 from .pipeline import Kandinsky3
 from .registry import VARIANTS
-from .requests import GenerationSettings, ImageToImage, Inpaint, Outpaint, TextToImage
+from .requests import Control, GenerationSettings, ImageToImage, Inpaint, Mix, Outpaint, TextToImage, Variation
 from .superres import SuperRes
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "Control",
     "GenerationSettings",
     "ImageToImage",
     "Inpaint",
     "Kandinsky3",
+    "Mix",
     "MoVQ",
     "MoVQConfig",
     "Outpaint",
@@ -23,6 +25,7 @@ __all__ = [
     "TextToImage",
     "UNet",
     "UNetConfig",
+    "Variation",
     "VARIANTS",
     "read_metadata",
     "save_image",

@@ -21,6 +21,7 @@ EXAMPLES = {
   kandinsky3 generate "a cat in a hat" --model base --width 1024 --height 768 --negative "blurry"
   kandinsky3 generate "a cat in a hat" --model flash --dtype bf16               # 4 steps, no guidance
   kandinsky3 generate "a star" --beautify template                               # fill unstated attributes
+  kandinsky3 generate "on a white background" --image photo.png --image-weight 0.7   # IP-Adapter image prompt
   kandinsky3 generate "a cat" --model base --beautify "server http://127.0.0.1:8000"   # vLLM / llama.cpp / Ollama
   kandinsky3 generate --prompts prompts.txt --out-dir out --seed 0 1 2 3          # one PNG per (prompt, seed)
   accelerate launch --num_processes 8 -m kandinsky3.cli generate --prompts p.jsonl --out-dir out   # sharded""",
@@ -31,10 +32,23 @@ EXAMPLES = {
   (mask: white / 1 = repaint, black / 0 = keep; the same size as the image)""",
     "outpaint": """examples:
   kandinsky3 outpaint photo.png "a wide beach" --left 256 --right 256 --model inpainting --out wide.png""",
+    "control": """examples:
+  kandinsky3 control photo.png "a watercolour city" --scale 0.8 --out city.png     # keeps photo.png's edges
+  kandinsky3 control photo.png "a large blue star" --end 0.6 --seed 1 --out star.png   # steer the first 60 % only
+  kandinsky3 control sketch.png "a cat" --model base --init-image cat.png --strength 0.7
+  (nano's ControlNet loads with the model; base / flash use ai-forever/kandinsky3_controlnet_hed)""",
+    "variation": """examples:
+  kandinsky3 variation photo.png --num-images 4 --seed 0 --out var.png    # var-0.png … var-3.png
+  kandinsky3 variation photo.png --image-weight 0.7 --model base --width 1024 --height 1024
+  (the IP-Adapter loads on first use: nano's is in the package, base uses ai-forever/kandinsky3_ip_adapter)""",
+    "mix": """examples:
+  kandinsky3 mix photo.png small.png --weights 0.6 0.4 --seed 0 --out mix.png
+  kandinsky3 mix photo.png small.png --prompt "on a white background" --mix-rule mean""",
     "convert": """examples:
   kandinsky3 convert ./Kandinsky3.1 ./k3-diffusers --to diffusers --variant base
   kandinsky3 convert ./k3-diffusers ./k3-official --to official
-  kandinsky3 convert ./Kandinsky3.1 ./k3-flash --to native --variant flash     # safetensors""",
+  kandinsky3 convert ./Kandinsky3.1 ./k3-flash --to native --variant flash     # safetensors
+  kandinsky3 convert ./kandinsky3_ip_adapter ./k3-ip-adapter --to native        # the released IP-Adapter""",
     "train": """examples:
   kandinsky3 train movq --config configs/nano/movq.yaml
   kandinsky3 train superres --config configs/nano/superres.yaml --output-dir runs/my-sr   # exports to runs/my-sr/export
@@ -47,7 +61,15 @@ EXAMPLES = {
   kandinsky3 eval movq --model nano --num 500          # MoVQ reconstruction PSNR on held-out renders
   kandinsky3 eval superres --world 100                 # nano upscaler vs bicubic / Lanczos on world scenes
   kandinsky3 eval superres --hr-dir ./DIV2K_valid_HR --model x4 --num 100
-  kandinsky3 eval flash --model nano-flash --teacher nano   # the Flash student vs its teacher and 4-step baselines""",
+  kandinsky3 eval flash --model nano-flash --teacher nano   # the Flash student vs its teacher and 4-step baselines
+  kandinsky3 eval ip-adapter --references 300 --pairs 200  # variation, image + text, mixing (judged)
+  kandinsky3 eval clipscore --num 200                       # nano CLIP: caption retrieval and CLIP score
+  kandinsky3 eval edges --num 300                      # edge extractors vs the world's true outlines (F-score)
+  kandinsky3 eval controlnet --num 300                 # nano's ControlNet: layout from the hint (judge-read)
+  kandinsky3 eval inpainting --model nano-inpainting --compare runs/nano-inpainting-random/export   # AP50 etc.""",
+    "caption-regions": """examples:
+  kandinsky3 caption-regions ./photos --model llava-hf/llava-1.5-7b-hf --batch-size 8   # → ./photos/regions.jsonl
+  (boxes: ./photos/annotations.json, COCO style; an interrupted run resumes; docs/inpainting.md)""",
     "serve": """examples:
   kandinsky3 serve --models nano                       # http://127.0.0.1:8000/ (web UI), /docs (API)
   KANDINSKY3_API_KEY=secret kandinsky3 serve --models nano base --host 0.0.0.0 --devices cuda:0 cuda:1""",
@@ -55,6 +77,9 @@ EXAMPLES = {
   kandinsky3 upscale small.png --scale 4 --out big.png                  # the nano upscaler
   kandinsky3 upscale photo.png --model x4 --dtype fp16 --out photo4k.png  # KandiSuperRes, 1024-px views
   kandinsky3 upscale photo.png --model x4 --window 0                     # whole image as one view""",
+    "edges": """examples:
+  kandinsky3 edges photo.png edges.png                              # soft edges: offline, no download
+  kandinsky3 edges photo.png edges.png --method hed --hed-weights ./annotators/ControlNetHED.pth --safe""",
     "info": """examples:
   kandinsky3 info                      # the embedded nano model
   kandinsky3 info ./Kandinsky3.1 --variant flash""",
@@ -161,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
         "edit": "image → image",
         "inpaint": "repaint the white part of a mask",
         "outpaint": "extend the canvas and paint the new border",
+        "control": "ControlNet: a new picture with the edges (layout) of an image",
+        "variation": "IP-Adapter: variations of a picture (no text)",
+        "mix": "IP-Adapter: mix pictures with weights (and optional text)",
     }
     for request_cls in REQUESTS:
         name = request_cls.command
@@ -183,7 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("src", help="model folder (official, diffusers or native layout)")
     p.add_argument("dst", help="output folder")
-    p.add_argument("--to", required=True, choices=["official", "diffusers", "native"])
+    p.add_argument(
+        "--to",
+        required=True,
+        choices=["official", "diffusers", "native", "fork"],
+        help="a model: official, diffusers or native; an IP-Adapter folder: native or fork (the released layout)",
+    )
     p.add_argument("--variant", default=None, help="for official folders: base (default), flash or inpainting")
     p.add_argument("--overwrite", action="store_true", help="write into DST even if it is not empty")
 
@@ -227,7 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_formatter,
         epilog=EXAMPLES["eval"],
     )
-    p.add_argument("what", choices=["alignment", "movq", "superres", "flash"])
+    p.add_argument(
+        "what",
+        choices=[
+            *("alignment", "movq", "superres", "flash", "edges", "inpainting", "controlnet"),
+            *("ip-adapter", "clipscore"),
+        ],
+    )
     p.add_argument("--hr-dir", default=None, help="superres: a folder of high-res images (LR = bicubic downscale)")
     p.add_argument("--world", type=int, default=None, help="superres: N held-out shapes-world scenes instead")
     p.add_argument("--scale", type=int, default=4, choices=[2, 4])
@@ -244,6 +283,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-baseline", action="store_true", help="skip the guidance-0 comparison")
     p.add_argument("--device", default=None)
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    p.add_argument("--hed-weights", default=None, help="edges: also score HED with this ControlNetHED.pth")
+    p.add_argument("--controlnet", default=None, help="controlnet: a ControlNet folder (default: the model's own)")
+    p.add_argument("--ip-adapter", default=None, help="ip-adapter: an adapter folder (default: the model's own)")
+    p.add_argument("--clip", default="nano-clip", help="ip-adapter, clipscore: the CLIP model (default nano-clip)")
+    p.add_argument("--references", type=int, default=300, help="ip-adapter: references per test (default 300)")
+    p.add_argument("--pairs", type=int, default=200, help="ip-adapter: image pairs mixed at (0.5, 0.5) (default 200)")
+    p.add_argument(
+        "--baseline",
+        default="nano",
+        help="inpainting: the text→image model inpainting by latent blending ('none': skip)",
+    )
+    p.add_argument("--compare", action="append", default=[], help="inpainting: another inpainting model (repeatable)")
+    p.add_argument("--grid", default=None, help="inpainting: also save a picture grid (PNG) of the first scenes")
+
+    p = sub.add_parser(
+        "caption-regions",
+        help="caption every object box of a COCO-style dataset with a vision-language model (inpainting data)",
+        formatter_class=_formatter,
+        epilog=EXAMPLES["caption-regions"],
+    )
+    p.add_argument("root", help="the image folder (boxes in ROOT/annotations.json unless --annotations)")
+    p.add_argument("--model", required=True, help="a transformers image-text-to-text model: hub id or folder")
+    p.add_argument("--annotations", default=None, help="COCO-style JSON with the boxes")
+    p.add_argument("--manifest", default=None, help="the JSONL to write / resume (default ROOT/regions.jsonl)")
+    p.add_argument("--margin", type=float, default=0.2, help="context around each box, × its side (default 0.2)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--prompt", default=None, help="the question asked about each crop (chat models)")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--device", default="cpu")
 
     p = sub.add_parser(
         "upscale",
@@ -280,6 +348,28 @@ def build_parser() -> argparse.ArgumentParser:
             epilog=EXAMPLES["serve"],
         )
     )
+
+    p = sub.add_parser(
+        "edges",
+        help="the edge map of an image (a ControlNet hint): soft (offline) or HED",
+        formatter_class=_formatter,
+        epilog=EXAMPLES["edges"],
+    )
+    p.add_argument("image", help="input image (PNG, JPEG, WebP; grey or RGBA is converted to RGB)")
+    p.add_argument("out", help="output edge map: .png, .jpg / .jpeg or .webp (RGB, white edges on black)")
+    p.add_argument(
+        "--method",
+        default="soft",
+        choices=["soft", "hed"],
+        help="soft: classical Sobel + blur, no download (default); hed: the HED network (ControlNetHED.pth)",
+    )
+    p.add_argument(
+        "--hed-weights",
+        default=None,
+        help="hed: ControlNetHED.pth / .safetensors file or hub id (default lllyasviel/Annotators/ControlNetHED.pth)",
+    )
+    p.add_argument("--safe", action="store_true", help="safe-step quantisation of the map to 0, ½ and 1")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
     p = sub.add_parser(
         "info",
@@ -527,8 +617,38 @@ def _convert(args):
         raise ValueError(f"{src} and {dst} are the same folder; write the conversion somewhere else")
     if dst.is_dir() and any(dst.iterdir()) and not args.overwrite:
         raise ValueError(f"{dst} is not empty; pass --overwrite to write into it, or choose another folder")
+    from .checkpoints.controlnet import convert_controlnet, is_controlnet_folder
+
+    if is_controlnet_folder(src):  # a ControlNet alone: released (diffusers-fork) ↔ native
+        convert_controlnet(src, dst, args.to)
+        print(f"wrote {dst} (ControlNet, {args.to} layout)")
+        return
+    from .checkpoints.ip_adapter import convert_ip_adapter, is_ip_adapter_folder
+
+    if is_ip_adapter_folder(src):  # an IP-Adapter: native ↔ the released fork layout (docs/ip_adapter.md)
+        if args.to not in ("native", "fork"):
+            raise ValueError(f"{src} is an IP-Adapter: convert it --to native or --to fork (the released layout)")
+        raw = convert_ip_adapter(src, dst, args.to)
+        print(f"wrote {dst} (IP-Adapter, {args.to} layout, {raw.name})")
+        return
+    if args.to == "fork":
+        raise ValueError("--to fork is the released IP-Adapter layout; this folder holds no IP-Adapter")
     raw = convert(src, dst, args.to, get_variant(args.variant) if args.variant else None)
     print(f"wrote {dst} ({args.to} layout, variant {raw.variant.name})")
+
+
+def _edges(args):
+    from .edges import extract_edges
+    from .images import open_image, save_image
+
+    if args.method != "hed" and args.hed_weights is not None:
+        raise ValueError("--hed-weights is only used with --method hed")
+    if Path(args.out).is_file() and not args.overwrite:
+        raise ValueError(f"{args.out} exists; pass --overwrite to replace it, or choose another output file")
+    (path,) = output_paths(args.out, 1, args.overwrite)
+    edges = extract_edges(open_image(args.image), args.method, args.hed_weights, safe=args.safe)
+    save_image(edges, path)
+    print(path)
 
 
 def _info(args):
@@ -576,6 +696,36 @@ def _eval(args):
         raise ValueError(f"--guidance must be a finite number ≥ 0, got {args.guidance}")
     if args.hr_dir is not None and not Path(args.hr_dir).is_dir():
         raise FileNotFoundError(f"--hr-dir: folder not found: {args.hr_dir}")
+    if args.hed_weights is not None and args.what != "edges":
+        raise ValueError("--hed-weights is only used by `eval edges`")
+    if args.what == "edges":  # no diffusion model: the extractors against the world renderer's true outlines
+        from .eval.edges import evaluate_edges, format_table as edges_table
+
+        rows = evaluate_edges(args.num, hed_weights=args.hed_weights)
+        print(edges_table(rows))
+        if args.json:
+            Path(args.json).write_text(json.dumps([r if isinstance(r, str) else r.to_dict() for r in rows], indent=2))
+        return
+    if args.what == "controlnet":  # the ControlNet's hint vs the plain model on unseen scenes (judge-read)
+        from .eval.controlnet import control_table, evaluate_control
+
+        pipe = Kandinsky3.from_pretrained(args.model, device=args.device, controlnet=args.controlnet)
+        rows = evaluate_control(pipe, args.num, args.steps, args.guidance, baseline=not args.no_baseline)
+        print(control_table(rows))
+        if args.json:
+            data = {row: {name: t.to_dict() for name, t in tallies.items()} for row, tallies in rows.items()}
+            Path(args.json).write_text(json.dumps(data, indent=2))
+        return
+    if args.what in ("ip-adapter", "clipscore"):
+        from .eval.ip_adapter import run_clipscore_eval, run_ip_adapter_eval
+
+        (run_ip_adapter_eval if args.what == "ip-adapter" else run_clipscore_eval)(args)
+        return
+    if args.what == "inpainting":
+        from .eval.inpainting import run_inpainting_eval
+
+        run_inpainting_eval(args)
+        return
     if args.what == "superres":  # the extras each measure needs fail here, before a model loads
         from .eval import superres  # noqa: F401
     else:
@@ -648,6 +798,7 @@ EXTRAS = {
     "yaml": "train",
     "scipy": "eval",
     "torchmetrics": "eval",
+    "pycocotools": "eval",
     "bitsandbytes": "quantization",
     "fastapi": "serve",
     "uvicorn": "serve",
@@ -681,6 +832,17 @@ def _train(args):
     print(json.dumps(summary))
 
 
+def _caption_regions(args):
+    from .training.region_captions import DEFAULT_PROMPT, RegionCaptioner, caption_regions
+
+    _check_positive(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    if not Path(args.root).is_dir():
+        raise FileNotFoundError(f"no such folder: {args.root}")
+    captioner = RegionCaptioner(args.model, args.prompt or DEFAULT_PROMPT, args.max_new_tokens, args.device)
+    path = caption_regions(args.root, captioner, args.annotations, args.manifest, args.margin, args.batch_size)
+    print(f"region captions: {path}")
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text if isinstance(exc, (ValueError, TypeError, RuntimeError)) else text.splitlines()[0]
@@ -699,12 +861,16 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.command == "convert":
                 _convert(args)
+            elif args.command == "edges":
+                _edges(args)
             elif args.command == "info":
                 _info(args)
             elif args.command == "upscale":
                 _upscale(args)
             elif args.command == "eval":
                 _eval(args)
+            elif args.command == "caption-regions":
+                _caption_regions(args)
             elif args.command == "train":
                 _train(args)
             elif args.command == "serve":

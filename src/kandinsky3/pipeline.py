@@ -15,7 +15,7 @@ from .checkpoints import Components, load_components, save_components
 from .diffusion import Conditioning, Denoiser, NoiseSchedule
 from .diffusion.sampling import SAMPLERS, NoiseSource, SamplerRun, StepCallback
 from .images import tensor_to_pil, with_metadata
-from .requests import GenerationSettings, ImageToImage, Inpaint, Outpaint, TextToImage
+from .requests import Control, GenerationSettings, ImageToImage, Inpaint, Mix, Outpaint, TextToImage, Variation
 from .tasks import TASKS, Plan
 
 
@@ -112,6 +112,8 @@ class Kandinsky3:
         self.movq_tiling = movq_tiling
         self._lock = threading.RLock()
         self.schedule = NoiseSchedule.named("cosine")
+        self.controlnet = None  # loaded by from_pretrained(controlnet=…) or on the first control() (get_controlnet)
+        self.ip_adapter = None  # IP-Adapter + image encoder: loaded on the first image prompt (get_ip_adapter)
 
     @classmethod
     def from_pretrained(
@@ -132,6 +134,7 @@ class Kandinsky3:
         variant: str | None = None,
         movq_tiling: bool = False,
         memory: str | None = None,
+        controlnet: str | None = None,
     ) -> "Kandinsky3":
         """Load a registered model (``nano`` by default, ``base``, ``flash``, ``inpainting``, ``tiny``), a Hugging
         Face repo id (official or diffusers layout) or a local folder.
@@ -147,6 +150,9 @@ class Kandinsky3:
         ``memory="16gb"`` is the preset for 16 GB GPUs (:data:`MEMORY_PRESETS`): bf16 U-Net and MoVQ, the text
         encoder in 8 bit (on CUDA; it stays resident), U-Net and MoVQ offloaded between uses, tiled MoVQ. Options
         given explicitly win over the preset's.
+
+        ``controlnet``: a ControlNet to load now (a name — ``nano-controlnet``, ``hed`` — a folder or a hub id);
+        without it ``control()`` loads the variant's own (``Variant.controlnet``) on first use.
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if memory is not None:
@@ -174,6 +180,8 @@ class Kandinsky3:
             pipe.movq.to(memory_format=torch.channels_last)
         if compile:
             pipe.unet.compile()
+        if controlnet is not None:
+            pipe.get_controlnet(controlnet, local_files_only=local_files_only)
         return pipe
 
     def save_pretrained(self, path, layout: str = "native"):
@@ -221,6 +229,8 @@ class Kandinsky3:
             raise TypeError(f"no task for {type(request).__name__}; known: {', '.join(t.__name__ for t in TASKS)}")
         with self._lock:
             plan = builder(self, request)
+            if plan.images is not None:  # nothing to sample (an empty inpainting mask): the builder's result
+                return plan.images
             images = self._execute(plan, generator, callback, progress)
             return plan.finish(images) if plan.finish else images
 
@@ -291,6 +301,107 @@ class Kandinsky3:
         new border (:class:`~kandinsky3.requests.Outpaint`)."""
         request = _request(Outpaint, settings, image=image, prompt=prompt)
         return self.run(request, generator=generator, callback=callback, progress=progress)
+
+    def control(
+        self,
+        image,
+        prompt: str | list[str] = "",
+        scale=1.0,
+        start: float = 0.0,
+        end: float = 1.0,
+        negative_prompt: str | list[str] | None = None,
+        *,
+        generator=None,
+        progress: bool = True,
+        callback=None,
+        **settings,
+    ) -> list[Image.Image]:
+        """ControlNet (:class:`~kandinsky3.requests.Control`): a picture with the layout (soft edges) of ``image``
+        (``hint_is_edges=True``: ``image`` is an edge map), steered with weight ``scale`` (a number or an (H, W)
+        map) from ``start`` to ``end`` (fractions of the steps). ``init_image`` + ``strength``: image→image.
+        The ControlNet is the variant's own (nano's is in the package), loaded on first use."""
+        request = _request(
+            Control,
+            settings,
+            image=image,
+            prompt=prompt,
+            scale=scale,
+            start=start,
+            end=end,
+            negative_prompt=negative_prompt,
+        )
+        return self.run(request, generator=generator, callback=callback, progress=progress)
+
+    def get_controlnet(self, name_or_path=None, local_files_only: bool = False):
+        """The pipeline's ControlNet, loading ``name_or_path`` (default: ``Variant.controlnet``) if none is loaded
+        or another is named; it must belong to this U-Net's size (clear error otherwise)."""
+        from .checkpoints.controlnet import load_controlnet
+
+        name = name_or_path or self.variant.controlnet
+        if self.controlnet is not None and (name_or_path is None or name == self.__dict__.get("_controlnet_name")):
+            return self.controlnet
+        if name is None:
+            raise ValueError(
+                f"the {self.variant.name} model has no ControlNet; load one: "
+                "Kandinsky3.from_pretrained(…, controlnet=FOLDER)"
+            )
+        param = next(self.unet.parameters())
+        self.controlnet = load_controlnet(
+            name,
+            self.unet.config,
+            device="cpu" if self.offload else self.device,
+            dtype=param.dtype,
+            local_files_only=local_files_only,
+        )
+        self._controlnet_name = name
+        return self.controlnet
+
+    def variation(
+        self, image, *, generator=None, progress: bool = True, callback=None, **settings
+    ) -> list[Image.Image]:
+        """Variations of ``image`` (IP-Adapter, :class:`~kandinsky3.requests.Variation`): its content, no text.
+        ``image_weight`` scales the image prompt; the adapter (``Variant.ip_adapter``) loads on first use."""
+        request = _request(Variation, settings, image=image)
+        return self.run(request, generator=generator, callback=callback, progress=progress)
+
+    def mix(
+        self,
+        images,
+        weights=None,
+        prompt: str = "",
+        *,
+        generator=None,
+        progress: bool = True,
+        callback=None,
+        **settings,
+    ) -> list[Image.Image]:
+        """Mix pictures (IP-Adapter, :class:`~kandinsky3.requests.Mix`): the image prompt Σ wᵢ·CLIP(imageᵢ)
+        (``mix_rule="mean"``: a weighted mean of directions), with optional text."""
+        request = _request(Mix, settings, images=list(images), weights=weights, prompt=prompt)
+        return self.run(request, generator=generator, callback=callback, progress=progress)
+
+    def get_ip_adapter(self, name_or_path=None, image_encoder=None, local_files_only: bool = False):
+        """The pipeline's IP-Adapter and image encoder (``checkpoints.ip_adapter.IPAdapterParts``), loading
+        ``name_or_path`` (default: ``Variant.ip_adapter``; a name, folder — native or released layout — or hub id)
+        if none is loaded or another is named, and attaching it to the U-Net. It must belong to this U-Net's size
+        (clear error otherwise)."""
+        from .checkpoints.ip_adapter import load_ip_adapter
+
+        if self.ip_adapter is not None and name_or_path is None and image_encoder is None:
+            return self.ip_adapter
+        param = next(self.unet.parameters())
+        parts = load_ip_adapter(
+            name_or_path,
+            self.unet.config,
+            variant=self.variant,
+            image_encoder=image_encoder,
+            device="cpu" if self.offload else self.device,
+            dtype=param.dtype,
+            local_files_only=local_files_only,
+        )
+        parts.adapter.attach(self.unet)
+        self.ip_adapter = parts
+        return parts
 
     def upscale_images(self, images: list[Image.Image], upscale, progress: bool = True) -> list[Image.Image]:
         """Upscale generated images with a :class:`~kandinsky3.superres.SuperRes` (or 2 / 4: the nano upscaler),
@@ -463,4 +574,7 @@ class Kandinsky3:
         self.device = torch.device(device)
         for m in (self.unet, self.movq, self.text_encoder):
             m.to(self.device)
+        if self.ip_adapter is not None:
+            self.ip_adapter.adapter.to(self.device)
+            self.ip_adapter.encoder.to(self.device)
         return self

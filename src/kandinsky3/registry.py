@@ -51,6 +51,8 @@ class Variant:
     local_dir: Path | None = None  # weights shipped with the package
     inpainting: bool | None = None  # takes inpainting's extra channels; None: files that don't say (read the config)
     beautifier: str = "local"  # what beautify=True uses: an LLM, or "template" (the model's vocabulary.json)
+    controlnet: str | None = "hed"  # what control() loads: a CONTROLNETS name, a hub id or a folder
+    ip_adapter: str | None = "ai-forever/kandinsky3_ip_adapter"  # what variation / mix / image prompts load
 
     @property
     def is_inpainting(self) -> bool:
@@ -133,6 +135,8 @@ VARIANTS: dict[str, Variant] = {
             ),
             sampler=SamplerDefaults(guidance=1.0),  # the best of a sweep for nano (docs/nano.md)
             beautifier="template",  # an LLM knows nothing of nano's 40 words; its vocabulary.json does
+            controlnet="nano-controlnet",
+            ip_adapter="nano-ip-adapter",  # trained on this U-Net with the nano CLIP (docs/ip_adapter.md)
             size=64,
             text_encoder="nano-t5",
             hub_repo=None,
@@ -154,6 +158,8 @@ VARIANTS: dict[str, Variant] = {
             movq=MoVQConfig(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, tile_sample_min_size=64),
             size=64,
             text_encoder="tiny-t5",
+            controlnet="tiny",
+            ip_adapter=None,
             hub_repo=None,
             movq_file=None,
             text_encoder_dir=None,
@@ -166,6 +172,15 @@ VARIANTS["nano-flash"] = replace(
     description="nano distilled to 4 Flash steps by ADD (docs/flash.md); shares nano's T5 and MoVQ",
     sampler=SamplerDefaults(kind="flash", steps=4, guidance=0.0, threshold_percentile=None),
     local_dir=NANO_FLASH_DIR,
+)
+VARIANTS["nano-inpainting"] = replace(
+    VARIANTS["nano"],
+    name="nano-inpainting",
+    description="nano fine-tuned for inpainting on object boxes + region captions (docs/inpainting.md); shares "
+    "nano's T5 and MoVQ",
+    unet=replace(VARIANTS["nano"].unet, num_channels=9),
+    inpainting=True,
+    local_dir=Path(__file__).parent / "weights" / "nano-inpainting",
 )
 ALIASES = {
     OFFICIAL_REPO.lower(): "base",
@@ -187,6 +202,16 @@ def get_variant(name: str) -> Variant:
         )
     return VARIANTS[key]
 
+
+HED_CONTROLNET_REPO = "ai-forever/kandinsky3_controlnet_hed"
+NANO_CONTROLNET_DIR = Path(__file__).parent / "weights" / "nano-controlnet"
+#: named ControlNets (``Variant.controlnet``, ``from_pretrained(..., controlnet=NAME)``): a hub id, a folder, or None
+#: for the random ``tiny`` test preset
+CONTROLNETS: dict[str, str | Path | None] = {
+    "hed": HED_CONTROLNET_REPO,  # the released HED ControlNet of Kandinsky 3.1 (base; also used beside Flash)
+    "nano-controlnet": NANO_CONTROLNET_DIR,  # trained by this project on the shapes world (docs/controlnet.md)
+    "tiny": None,
+}
 
 SUPERRES_REPO = "ai-forever/KandiSuperRes"
 NANO_SR_DIR = Path(__file__).parent / "weights" / "nano-sr"

@@ -158,6 +158,17 @@ class GenerationSettings:
 
 
 IMAGE = option("input image (path, PIL image or array)", positional=True)
+IMAGE_WEIGHT = option(
+    "IP-Adapter: how strongly the image prompt steers, the weight of its attention in every text cross-attention "
+    "(0 = none; default 1, as released)"
+)
+
+
+def _check_image_weight(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"image_weight must be a finite number ≥ 0, got {value!r}")
+
+
 PROMPT = option("the prompt (empty: unconditional)", positional=True, nargs="?")
 NEGATIVE = option("negative prompt (replaces the unconditional branch)")
 
@@ -182,6 +193,18 @@ class TextToImage(GenerationSettings):
         ),
     )
     upscale: int | None = field(default=None, metadata=option("chain the nano upscaler (2× or 4×)", choices=(2, 4)))
+    image: Any = field(
+        default=None,
+        metadata=option(
+            "IP-Adapter image prompt: generate this picture's content as the text asks (path, PIL image or array; "
+            "the model's adapter is loaded on first use)"
+        ),
+    )
+    image_weight: float = field(default=1.0, metadata=IMAGE_WEIGHT)
+
+    def validate(self):
+        super().validate()
+        _check_image_weight(self.image_weight)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -238,4 +261,155 @@ class Outpaint(GenerationSettings):
             )
 
 
-REQUESTS: tuple[type[GenerationSettings], ...] = (TextToImage, ImageToImage, Inpaint, Outpaint)
+CONTROL_SCALE_RANGE = (0.0, 2.0)  # the usual ControlNet weight slider (diffusers / ComfyUI UIs)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Control(GenerationSettings):
+    """ControlNet (HED): a new picture with the layout of ``image`` — its soft edges are extracted (or it is an edge
+    map already: ``hint_is_edges``) and steer every step inside the control window. With ``init_image`` it is
+    image→image too (``strength`` of the schedule is run from that picture's latent)."""
+
+    command: ClassVar[str] = "control"
+
+    image: Any = field(
+        metadata=option(
+            "control image (path, PIL image or array; the API also takes one per prompt): a picture whose edges "
+            "give the layout, or an edge map with --hint-is-edges; resized to the output size",
+            positional=True,
+        )
+    )
+    prompt: str | list[str] = field(default="", metadata=PROMPT)
+    negative_prompt: str | list[str] | None = field(default=None, metadata=NEGATIVE)
+    hint_is_edges: bool = field(
+        default=False, metadata=option("the image is an edge map already (white edges on black): no extraction")
+    )
+    edges: str | None = field(
+        default=None,
+        metadata=option(
+            "how edges are extracted: soft (offline) or hed (the HED network, downloads ControlNetHED.pth) "
+            "(default: what the ControlNet was trained on: soft for nano's, hed for the released one)",
+            choices=("soft", "hed"),
+        ),
+    )
+    scale: float | Any = field(
+        default=1.0,
+        metadata=option(
+            f"ControlNet conditioning scale k, {CONTROL_SCALE_RANGE[0]:g} to {CONTROL_SCALE_RANGE[1]:g} (the API "
+            "also takes a spatial map (H, W) in that range)"
+        ),
+    )
+    start: float = field(default=0.0, metadata=option("control from this fraction of the steps (0 ≤ start < end)"))
+    end: float = field(default=1.0, metadata=option("control until this fraction of the steps (start < end ≤ 1)"))
+    init_image: Any = field(
+        default=None, metadata=option("image→image: start from this picture, running --strength of the schedule")
+    )
+
+    def validate(self):
+        super().validate()
+        for name in ("start", "end"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise ValueError(f"{name} must be a fraction of the steps in [0, 1], got {value!r}")
+        if not self.start < self.end:
+            raise ValueError(
+                f"the control window is empty: start ({self.start}) must be less than end ({self.end}); "
+                "use scale=0 for no control"
+            )
+        low, high = CONTROL_SCALE_RANGE
+        if isinstance(self.scale, (int, float)) and not isinstance(self.scale, bool):
+            if not (math.isfinite(self.scale) and low <= self.scale <= high):
+                raise ValueError(f"scale must be from {low:g} to {high:g}, got {self.scale}")
+        else:
+            import numpy as np
+
+            try:
+                values = np.asarray(self.scale, dtype=np.float64)
+            except (TypeError, ValueError):
+                raise ValueError(f"scale must be a number or a spatial map (H, W), got {type(self.scale).__name__}")
+            if values.ndim not in (2, 4) or not np.isfinite(values).all() or values.min() < low or values.max() > high:
+                raise ValueError(
+                    f"a spatial scale map must be (H, W) or (1, 1, H, W) with values from {low:g} to {high:g}"
+                )
+        if self.edges not in (None, "soft", "hed"):
+            raise ValueError(f"edges must be soft or hed, got {self.edges!r}")
+        if self.strength < 1 and self.init_image is None:
+            raise ValueError("strength < 1 needs init_image (the picture an image→image run starts from)")
+
+
+MIX_RULES = ("sum", "mean")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Variation(GenerationSettings):
+    """Variations of a picture (IP-Adapter): its content, no text (the empty prompt's text branch as the adapter
+    was trained: all-zero context and mask for the released adapter, the null context for nano's)."""
+
+    command: ClassVar[str] = "variation"
+    fixed: ClassVar[tuple[str, ...]] = ("strength",)
+
+    image: Any = field(metadata=option("reference image (path, PIL image or array)", positional=True))
+    image_weight: float = field(default=1.0, metadata=IMAGE_WEIGHT)
+
+    def validate(self):
+        super().validate()
+        _check_image_weight(self.image_weight)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Mix(GenerationSettings):
+    """Mix pictures (IP-Adapter): the image prompt is Σ wᵢ·CLIP(imageᵢ) (the released rule), optionally with text."""
+
+    command: ClassVar[str] = "mix"
+    fixed: ClassVar[tuple[str, ...]] = ("strength",)
+
+    images: Any = field(metadata=option("reference images (paths, PIL images or arrays)", positional=True, nargs="+"))
+    weights: list[float] | None = field(
+        default=None, metadata=option("one weight ≥ 0 per image (default: equal weights summing to 1)", nargs="+")
+    )
+    prompt: str = field(default="", metadata=option("text to steer the mix (default: none, image only)"))
+    image_weight: float = field(default=1.0, metadata=IMAGE_WEIGHT)
+    mix_rule: str = field(
+        default="sum",
+        metadata=option(
+            "sum: Σ wᵢ·eᵢ of the raw embeddings (released); mean: a weighted mean of unit directions at the weighted "
+            "mean norm",
+            choices=MIX_RULES,
+        ),
+    )
+
+    def validate(self):
+        super().validate()
+        _check_image_weight(self.image_weight)
+        images = self.images
+        if isinstance(images, (str, bytes)) or not hasattr(images, "__len__") or len(images) < 1:
+            raise ValueError("images: give a list of one or more images to mix")
+        if self.weights is not None:
+            weights = list(self.weights)
+            if len(weights) != len(images):
+                raise ValueError(f"{len(weights)} weights for {len(images)} images: give one weight per image")
+            for w in weights:
+                if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                    raise ValueError(f"weights must be finite numbers ≥ 0, got {w!r}")
+            if not any(weights):
+                raise ValueError("weights are all 0: give at least one positive weight (or use generate for no image)")
+        if self.mix_rule not in MIX_RULES:
+            raise ValueError(f"mix_rule must be one of {', '.join(MIX_RULES)}, got {self.mix_rule!r}")
+        if not isinstance(self.prompt, str):
+            raise ValueError("prompt: one string (a mix makes one picture per seed)")
+
+    def resolved_weights(self) -> list[float]:
+        if self.weights is not None:
+            return [float(w) for w in self.weights]
+        return [1.0 / len(self.images)] * len(self.images)
+
+
+REQUESTS: tuple[type[GenerationSettings], ...] = (
+    TextToImage,
+    ImageToImage,
+    Inpaint,
+    Outpaint,
+    Control,
+    Variation,
+    Mix,
+)

@@ -9,6 +9,7 @@ request dataclass and one entry (docs/architecture.md has a worked example).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -18,8 +19,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .diffusion.conditioning import Adapter, ExtraChannels
+from .diffusion.inpainting import REPAINT_THRESHOLD, inpainting_channels
 from .images import as_mask, as_pil, check_size, dilate_mask, fit_for_diffusion, pil_to_tensor
-from .requests import GenerationSettings, ImageToImage, Inpaint, Outpaint, TextToImage
+from .requests import Control, GenerationSettings, ImageToImage, Inpaint, Mix, Outpaint, TextToImage, Variation
 
 
 @dataclass
@@ -36,6 +38,7 @@ class Plan:
     adapters: list[Adapter] = field(default_factory=list)
     finish: Callable[[list[Image.Image]], list[Image.Image]] | None = None
     original_prompts: list[str] | None = None
+    images: list[Image.Image] | None = None  # the result when there is nothing to sample (an empty inpainting mask)
 
     @property
     def batch_size(self) -> int:
@@ -75,7 +78,7 @@ def plan_text_to_image(pipe, req: TextToImage) -> Plan:
         originals = prompts
         prompts = [pipe.beautify(p, req.beautify).prompt for p in prompts]
     finish = (lambda images: pipe.upscale_images(images, req.upscale)) if req.upscale else None
-    return Plan(
+    plan = Plan(
         "generate",
         prompts,
         negative_list(req.negative_prompt, prompts),
@@ -84,6 +87,15 @@ def plan_text_to_image(pipe, req: TextToImage) -> Plan:
         finish=finish,
         original_prompts=originals,
     )
+    if req.image is not None:  # image + text (IP-Adapter): one image for every prompt, or one per prompt
+        images = _image_list(req.image)
+        if len(images) not in (1, len(prompts)):
+            raise ValueError(f"{len(images)} images for {len(prompts)} prompts: give one image, or one per prompt")
+        embeds, zero = image_embeddings(pipe, images)
+        repeat = s.num_images * (len(prompts) if len(images) == 1 else 1)
+        empty = all(p == "" for p in prompts) and plan.negative_prompts is None
+        plan.adapters.append(image_prompt(pipe, embeds, zero, req.image_weight, repeat, empty))
+    return plan
 
 
 def prepare_image(image, width: int | None, height: int | None, max_side: int, multiple: int) -> Image.Image:
@@ -114,10 +126,12 @@ def plan_inpaint(pipe, req: Inpaint, task: str = "inpaint") -> Plan:
     if not pipe.is_inpainting:
         raise ValueError(
             f"inpainting needs a U-Net with {2 * pipe.latent_channels + 1} input channels; this "
-            f"model's has {pipe.unet.in_channels}. Load one: Kandinsky3.from_pretrained('inpainting')"
+            f"model's has {pipe.unet.in_channels}. Load one: Kandinsky3.from_pretrained('inpainting') (or "
+            "'nano-inpainting', the 64-px shapes-world one)"
         )
     image = as_pil(req.image)
-    user_mask = as_mask(req.mask, image.size)
+    # soft or noisy masks are made binary: ≥ 0.5 (grey 128 of 255 and above) is repainted
+    user_mask = (as_mask(req.mask, image.size) >= REPAINT_THRESHOLD).astype(np.float32)
     if req.dilate:
         user_mask = dilate_mask(user_mask)
     width, height = req.width, req.height
@@ -129,6 +143,9 @@ def plan_inpaint(pipe, req: Inpaint, task: str = "inpaint") -> Plan:
     m = resize_mask(user_mask, image.size, (width, height))
     prompts = prompt_list(req.prompt)
     batch = len(prompts) * s.num_images
+    if not user_mask.any():  # nothing to repaint: the input (at the output size), no sampling
+        warnings.warn("the mask is empty (nothing to repaint): the input is returned unchanged", stacklevel=4)
+        return Plan(task, prompts, None, s, _shape(pipe, batch, width, height), images=[resized.copy()] * batch)
     with pipe.placed(pipe.movq):
         extra = inpainting_inputs(pipe.movq, resized, m, batch, pipe.movq_tiling)
     finish = (lambda images: paste_back(images, resized, m)) if req.paste_back else None
@@ -171,27 +188,156 @@ def paste_back(images: list[Image.Image], original: Image.Image, mask: np.ndarra
     return out
 
 
+def control_hint(image, width: int, height: int, is_edges: bool, method: str = "soft") -> torch.Tensor:
+    """The ControlNet's hint (1, 3, height, width) in [0, 1]: the image (any mode; grey / RGBA converted) resized
+    to the output size (bicubic), then its edges by ``method`` (soft: what the nano ControlNet was trained on;
+    hed: the released one's) unless it is an edge map already (``is_edges``)."""
+    from .edges import extract_edges, image_to_unit
+
+    image = as_pil(image)
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.BICUBIC, reducing_gap=None)
+    return image_to_unit(image if is_edges else extract_edges(image, method))
+
+
+def plan_control(pipe, req: Control) -> Plan:
+    """ControlNet (spec §8.4): text→image (or image→image from ``init_image``) with the ControlNet's residuals
+    added to the U-Net's skips at every step of the control window (:class:`~.diffusion.control.ControlAdapter`)."""
+    from .diffusion.control import ControlAdapter, run_length
+
+    if pipe.is_inpainting:
+        raise ValueError("ControlNet runs beside a text→image U-Net (base, flash, nano), not an inpainting one")
+    prompts = prompt_list(req.prompt)
+    images = list(req.image) if isinstance(req.image, (list, tuple)) else [req.image]
+    if len(images) not in (1, len(prompts)):
+        raise ValueError(f"{len(images)} control images for {len(prompts)} prompts: give one, or one per prompt")
+    hint_image = as_pil(images[0])
+    width, height = req.width, req.height
+    if width is None and height is None:
+        width, height = fit_for_diffusion(hint_image.width, hint_image.height, pipe.variant.size, pipe.size_multiple)
+    width, height = width or hint_image.width, height or hint_image.height
+    check_size(width, height, pipe.size_multiple)
+    s = _resolve(pipe, req, width=width, height=height)
+    batch = len(prompts) * s.num_images
+    controlnet = pipe.get_controlnet()
+    method = req.edges or getattr(controlnet, "hint_method", "soft")
+    hints = torch.cat([control_hint(im, width, height, req.hint_is_edges, method) for im in [hint_image, *images[1:]]])
+    if len(images) > 1:  # one hint per prompt: rows follow the prompts' order (repeat_interleave, as the text)
+        hints = hints.repeat_interleave(s.num_images, dim=0)
+    init = None
+    if req.init_image is not None:
+        init_image = prepare_image(req.init_image, width, height, pipe.variant.size, pipe.size_multiple)
+        init = pipe.encode_image(init_image).expand(batch, -1, -1, -1)
+    scale = req.scale
+    if not isinstance(scale, (int, float)):
+        scale = torch.as_tensor(np.asarray(scale, dtype=np.float32))
+    adapter = ControlAdapter(
+        controlnet,
+        hints,
+        scale,
+        req.start,
+        req.end,
+        run_length(s.sampler, s.steps, s.strength if init is not None else 1.0),
+    )
+    return Plan(
+        "control",
+        prompts,
+        negative_list(req.negative_prompt, prompts),
+        s,
+        _shape(pipe, batch, width, height),
+        init_latents=init,
+        adapters=[adapter],
+    )
+
+
+def image_embeddings(pipe, images) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP ``image_embeds`` of ``images`` (K, D) and of the all-zero normalised image (1, D), the unconditional
+    image feature (spec §8.2); any image mode is converted to RGB first (:func:`~.images.as_pil`). Each image is
+    encoded alone: a batch changes the last bits of CPU matmuls, and an image's embedding must not depend on the
+    images beside it (mixing with weights (1, 0) equals the single image exactly)."""
+    parts = pipe.get_ip_adapter()
+    pictures = [as_pil(im) for im in images]
+    with pipe.placed(parts.encoder):
+        embeds = torch.cat([parts.encoder.encode([p]) for p in pictures])
+        return embeds, parts.encoder.zero_embedding()
+
+
+def image_prompt(pipe, embeds, zero, image_weight: float, repeat: int, empty_text: bool):
+    """The IP-Adapter's per-step adapter (spec §8.2): image tokens of each row of ``embeds`` (each repeated
+    ``repeat`` times, the images of one prompt) for ``cond``, the zero-image embedding's for ``uncond``. The text
+    branches follow the adapter's training: ``zeros`` (released) gives the unconditional branch — and an empty
+    prompt's conditional one — an all-zero context and mask; ``null`` (nano) gives an empty prompt the null context
+    in both branches (the unconditional one has it already). Built for any guidance (the released pipeline skipped
+    the image features at guidance ≤ 1)."""
+    from .diffusion.image_prompt import ImagePrompt
+
+    parts = pipe.get_ip_adapter()
+    adapter = parts.adapter
+    device = adapter.image_proj.weight.device
+    with torch.no_grad():
+        tokens = adapter.image_tokens(embeds.to(device)).repeat_interleave(repeat, dim=0)
+        uncond = adapter.image_tokens(zero.to(device)).expand(tokens.shape[0], -1, -1)
+    null = pipe.text_encoder.null_embedding
+    if parts.text == "zeros" or null is None:
+        text = {"uncond": "zeros", **({"cond": "zeros"} if empty_text else {})}
+    else:
+        text = {"cond": null, "uncond": null} if empty_text else {}
+    weight = torch.full((tokens.shape[0],), float(image_weight))
+    return ImagePrompt(tokens, uncond, weight, text, module=adapter)
+
+
+def _image_list(image) -> list:
+    return list(image) if isinstance(image, (list, tuple)) else [image]
+
+
+def plan_variation(pipe, req: Variation) -> Plan:
+    """Variations of a picture (or of each of a list: ``num_images`` each): image tokens only, the empty prompt's
+    text branch as the adapter was trained."""
+    s = _resolve(pipe, req)
+    check_size(s.width, s.height, pipe.size_multiple)
+    images = _image_list(req.image)
+    plan = Plan("variation", [""] * len(images), None, s, _shape(pipe, len(images) * s.num_images, s.width, s.height))
+    embeds, zero = image_embeddings(pipe, images)
+    plan.adapters.append(image_prompt(pipe, embeds, zero, req.image_weight, s.num_images, True))
+    return plan
+
+
+def plan_mix(pipe, req: Mix) -> Plan:
+    """Mixing pictures: one image prompt from Σ wᵢ·CLIP(imageᵢ) (or the ``mean`` rule), with optional text."""
+    from .diffusion.image_prompt import mix_embeddings
+
+    s = _resolve(pipe, req)
+    check_size(s.width, s.height, pipe.size_multiple)
+    plan = Plan("mix", [req.prompt], None, s, _shape(pipe, s.num_images, s.width, s.height))
+    embeds, zero = image_embeddings(pipe, list(req.images))
+    mixed = mix_embeddings(embeds, req.resolved_weights(), req.mix_rule)
+    plan.adapters.append(image_prompt(pipe, mixed, zero, req.image_weight, s.num_images, req.prompt == ""))
+    return plan
+
+
 TASKS: dict[type, Callable] = {
     TextToImage: plan_text_to_image,
     ImageToImage: plan_image_to_image,
     Inpaint: plan_inpaint,
     Outpaint: plan_outpaint,
+    Control: plan_control,
+    Variation: plan_variation,
+    Mix: plan_mix,
 }
 
 
 def inpainting_inputs(movq, image: Image.Image, mask: np.ndarray, batch: int, tiled: bool = False) -> torch.Tensor:
-    """Extra channels ``[mask (1 = keep), masked-image latent]`` at latent size (spec §6).
+    """Extra channels ``[mask (1 = keep), masked-image latent]`` at latent size (spec §6), by the one builder that
+    training uses too (:func:`~kandinsky3.diffusion.inpainting.inpainting_channels`).
 
     ``mask`` is the user's (1 = repaint) at image size; pixels where the keep-mask is not exactly 1 are zeroed
     (mid-grey) before encoding, and the mask is resized to the latent with nearest neighbours.
     """
     param = next(movq.parameters())
-    keep = 1.0 - torch.from_numpy(np.asarray(mask, dtype=np.float32))[None, None]
-    pixels = pil_to_tensor(image)
-    masked = pixels * (keep == 1.0)
-    masked_latent = movq.encode(masked.to(param.device, param.dtype), tiled=tiled).float()
-    keep_latent = F.interpolate(keep, size=masked_latent.shape[-2:]).to(masked_latent.device)
-    extra = torch.cat([keep_latent, masked_latent], dim=1)
+    repaint = torch.from_numpy(np.asarray(mask, dtype=np.float32))[None, None]
+    extra = inpainting_channels(
+        lambda masked: movq.encode(masked.to(param.device, param.dtype), tiled=tiled), pil_to_tensor(image), repaint
+    )
     return extra.expand(batch, -1, -1, -1)
 
 

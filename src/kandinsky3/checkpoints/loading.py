@@ -52,8 +52,9 @@ def resolve(
         if variant.local_dir is not None:
             if not (variant.local_dir / "kandinsky3.json").is_file():
                 raise CheckpointError(
-                    f"the {variant.name} weights are not in this installation ({variant.local_dir}); "
-                    "reinstall the package or rebuild them (docs/nano.md)"
+                    f"the {variant.name} weights are not in this installation ({variant.local_dir}): this release "
+                    "may not ship them yet (nano-inpainting: docs/inpainting.md says how to train it), or the "
+                    "install is incomplete (reinstall it; docs/nano.md rebuilds nano); or pass a model folder"
                 )
             return variant.local_dir, variant
         if variant.hub_repo is None:

@@ -91,7 +91,10 @@ class Adapter(Protocol):
     ("cond", "uncond"); returns U-Net keyword inputs for that branch (B rows each). ``to`` moves its tensors.
 
     The three planned adapters: inpainting channels (:class:`ExtraChannels`, ``extra_channels``), ControlNet
-    residuals computed from (x_t, t) (``control_residuals``), IP-Adapter image tokens (``image_tokens``)."""
+    residuals computed from (x_t, t) (``control_residuals``), IP-Adapter image tokens (``image_tokens``).
+
+    Optional: ``bind(conditioning) → Adapter``, called once by the :class:`Denoiser`, for an adapter that needs
+    each branch's text inputs (the ControlNet runs its own copy of the encoder on them)."""
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, branch: str) -> dict: ...
 
@@ -132,6 +135,8 @@ class Denoiser:
         self.device, self.dtype = param.device, param.dtype
         self.cond = conditioning.to(self.device, self.dtype)
         self.adapters = [a.to(self.device, self.dtype) for a in adapters]
+        # an adapter that needs the text inputs (ControlNet) reads them from the conditioning: `bind` hands it over
+        self.adapters = [a.bind(self.cond) if hasattr(a, "bind") else a for a in self.adapters]
         self.guidance_weight = guidance_weight
         self.guided = guidance_weight != 0 and conditioning.guidable
 

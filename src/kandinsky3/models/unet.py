@@ -117,7 +117,15 @@ def hard_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
 
 
 class Attention(nn.Module):
-    """Multi-head attention without biases; heads = out_channels / head_dim."""
+    """Multi-head attention without biases; heads = out_channels / head_dim.
+
+    A text cross-attention layer may also read **image tokens** (IP-Adapter, spec §8.2): an attached
+    ``models.ip_adapter.IPAttention`` (``self.ip``, borrowed from the adapter, not a submodule of the U-Net, so the
+    U-Net's state dict stays the official one) adds ``image_weight · to_out_ip(attention(q, image tokens))`` with the
+    same query and heads. Without ``image_tokens`` the layer computes exactly what it always did.
+    """
+
+    ip = None  # the attached IP-Adapter layer (models.ip_adapter.IPAttention), if any
 
     def __init__(self, in_channels: int, out_channels: int, context_dim: int, head_dim: int = 64):
         super().__init__()
@@ -133,11 +141,23 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, self.num_heads, -1).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        context_mask: torch.Tensor | None = None,
+        image_tokens: torch.Tensor | None = None,
+        image_weight=None,
+    ) -> torch.Tensor:
         q, k, v = self._heads(self.to_query(x)), self._heads(self.to_key(context)), self._heads(self.to_value(context))
         out = hard_mask_attention(q, k, v, context_mask)  # (B, heads, Lq, d)
         out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
-        return self.output_layer(out)
+        out = self.output_layer(out)
+        if image_tokens is not None:
+            if self.ip is None:
+                raise RuntimeError("image_tokens given, but no IP-Adapter is attached to this U-Net (IPAdapter.attach)")
+            out = out + self.ip(q, image_tokens, image_weight)
+        return out
 
 
 class Block(nn.Module):
@@ -221,12 +241,15 @@ class AttentionBlock(nn.Module):
             nn.Conv2d(num_channels, hidden, 1, bias=False), nn.SiLU(), nn.Conv2d(hidden, num_channels, 1, bias=False)
         )
 
-    def forward(self, x, time_embed, context=None, context_mask=None):
+    def forward(self, x, time_embed, context=None, context_mask=None, image_tokens=None, image_weight=None):
         b, c, h, w = x.shape
         tokens = self.in_norm(x, time_embed).flatten(2).transpose(1, 2)  # (B, HW, C)
         if context is None:
-            context, context_mask = tokens, None
-        out = self.attention(tokens, context, context_mask)
+            out = self.attention(tokens, tokens, None)
+        elif image_tokens is None:
+            out = self.attention(tokens, context, context_mask)
+        else:
+            out = self.attention(tokens, context, context_mask, image_tokens, image_weight)
         x = x + out.transpose(1, 2).reshape(b, c, h, w)
         return x + self.feed_forward(self.out_norm(x, time_embed))
 
@@ -267,13 +290,13 @@ class DownSampleBlock(nn.Module):
             for (a, b), pattern in zip(widths, patterns)
         )
 
-    def forward(self, x, time_embed, context=None, context_mask=None):
+    def forward(self, x, time_embed, context=None, context_mask=None, image_tokens=None, image_weight=None):
         if not isinstance(self.self_attention_block, nn.Identity):
             x = self.self_attention_block(x, time_embed)
         for resnet_in, attention, resnet_out in self.resnet_attn_blocks:
             x = resnet_in(x, time_embed)
             if not isinstance(attention, nn.Identity):
-                x = attention(x, time_embed, context, context_mask)
+                x = attention(x, time_embed, context, context_mask, image_tokens, image_weight)
             x = resnet_out(x, time_embed)
         return x
 
@@ -319,11 +342,11 @@ class UpSampleBlock(nn.Module):
             else nn.Identity()
         )
 
-    def forward(self, x, time_embed, context=None, context_mask=None):
+    def forward(self, x, time_embed, context=None, context_mask=None, image_tokens=None, image_weight=None):
         for resnet_in, attention, resnet_out in self.resnet_attn_blocks:
             x = resnet_in(x, time_embed)
             if not isinstance(attention, nn.Identity):
-                x = attention(x, time_embed, context, context_mask)
+                x = attention(x, time_embed, context, context_mask, image_tokens, image_weight)
             x = resnet_out(x, time_embed)
         if not isinstance(self.self_attention_block, nn.Identity):
             x = self.self_attention_block(x, time_embed)
@@ -341,7 +364,9 @@ class UNet(nn.Module):
       ``config.downsample_factor``; time (B,) float timesteps; context (B, L, context_dim) projected text tokens;
       context_mask (B, L) with 1 = attend; control_residuals: optional list of tensors added to the skips of down
       levels 0.. (ControlNet, spec §8.4); context_lengths (B,): each sample's own crop length, for batches of
-      prompts of different lengths (None: the official mean over all L positions).
+      prompts of different lengths (None: the official mean over all L positions); image_tokens (B, N, context_dim)
+      and image_weight (a number or (B,)): the IP-Adapter's image tokens read by every text cross-attention layer
+      (an ``IPAdapter`` must be attached; spec §8.2).
     """
 
     def __init__(self, config: UNetConfig | None = None, **overrides):
@@ -415,17 +440,21 @@ class UNet(nn.Module):
         control_residuals=None,
         context_lengths=None,
         extra_channels=None,
+        image_tokens=None,
+        image_weight=None,
     ):
         """``extra_channels`` (B, C, h, w) are concatenated after x (inpainting: keep-mask, masked-image latent);
         ``control_residuals`` are added to the skips (ControlNet); ``context_lengths`` (B,) per-sample pooling
-        lengths for batches of prompts of different lengths."""
+        lengths for batches of prompts of different lengths; ``image_tokens`` / ``image_weight`` the IP-Adapter's
+        image tokens and their weight (text cross-attention only; pooling and self-attention never see them)."""
         if extra_channels is not None:
             x = torch.cat([x, extra_channels], dim=1)
         time_embed = self.time_embedding(time, context, context_mask, context_lengths)
+        ip = () if image_tokens is None else (image_tokens, 1.0 if image_weight is None else image_weight)
         x = self.in_layer(x)
         skips = []
         for level, down in enumerate(self.down_samples):
-            x = self._run_level(down, x, time_embed, context, context_mask)
+            x = self._run_level(down, x, time_embed, context, context_mask, *ip)
             if level != len(self.down_samples) - 1:
                 skips.append(x)
         if control_residuals is not None:
@@ -433,7 +462,7 @@ class UNet(nn.Module):
         for level, up in enumerate(self.up_samples):
             if level != 0:
                 x = torch.cat([x, skips.pop()], dim=1)
-            x = self._run_level(up, x, time_embed, context, context_mask)
+            x = self._run_level(up, x, time_embed, context, context_mask, *ip)
         return self.out_layer(x)
 
     def _run_level(self, level, *args):

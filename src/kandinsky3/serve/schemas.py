@@ -59,6 +59,10 @@ TASKS: dict[str, type] = {
 }
 IMAGE_FIELDS = ("image", "mask")
 SERVER_EXCLUDED = ()
+#: fields one task's HTTP schema leaves out: generate's IP-Adapter image prompt (``image``, ``image_weight``) — the
+#: service batches and stores generate jobs by their JSON fields and loads no image encoder; the CLI and the Python
+#: API take it (``kandinsky3 generate … --image``, ``variation``, ``mix``)
+TASK_EXCLUDED: dict[type, tuple[str, ...]] = {TextToImage: ("image", "image_weight")}
 #: fields whose API type is narrower than the dataclass's: the server's safe subset
 SERVER_TYPES = {"beautify": (Literal["template"] | None, "expand the prompt first with the template beautifier")}
 INPAINTING_TASKS = ("inpaint", "outpaint")
@@ -82,7 +86,8 @@ def _field_type(f, hint):
 
 
 def api_fields(request_cls) -> list:
-    return [f for f in request_cls.task_fields() if f.name not in SERVER_EXCLUDED]
+    skip = set(SERVER_EXCLUDED) | set(TASK_EXCLUDED.get(request_cls, ()))
+    return [f for f in request_cls.task_fields() if f.name not in skip]
 
 
 def body_model(task: str, request_cls) -> type[BaseModel]:

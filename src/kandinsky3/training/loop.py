@@ -57,7 +57,13 @@ def ema_update(decay: float):
 
     def update(ema_params, params, num_averaged):
         n = float(num_averaged)
-        torch._foreach_lerp_(ema_params, params, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
+        floating = [(e, p) for e, p in zip(ema_params, params) if e.is_floating_point()]
+        for e, p in zip(ema_params, params):  # integer buffers (e.g. CLIP's position ids) are copied, not averaged
+            if not e.is_floating_point():
+                e.copy_(p)
+        if floating:
+            ema, new = zip(*floating)
+            torch._foreach_lerp_(list(ema), list(new), 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
 
     return update
 
@@ -190,7 +196,7 @@ class _Training:
             accelerator.num_processes,
             broadcast=lambda t: broadcast(t.to(accelerator.device)).cpu(),
         )
-        self.step, self.running = 0, {}
+        self.step, self.running, self.metrics = 0, {}, {}
 
     # -- one step ---------------------------------------------------------------------------------------------
 
@@ -223,6 +229,9 @@ class _Training:
                 self.schedulers[opt_name].step()
             optimizer.zero_grad(set_to_none=True)
             values[name] = loss.detach().float().item()
+        for name, value in ctx.metrics.items():
+            old = self.metrics.get(name)
+            self.metrics[name] = value if old is None else 0.98 * old + 0.02 * value
         if not values:
             raise RuntimeError(f"{type(recipe).__name__}.step gave no loss")
         for name, ema in self.emas.items():
@@ -254,6 +263,7 @@ class _Training:
                 "data": self.data.state_dict(),
                 "rng": self.rng.state_dict(),
                 "running": dict(self.running),
+                "metrics": dict(self.metrics),
                 "schedulers": {name: s.state_dict() for name, s in self.schedulers.items()},
             },
             path,
@@ -276,6 +286,7 @@ class _Training:
         for name, scheduler in self.schedulers.items():
             scheduler.load_state_dict(state["schedulers"][name])
         self.step, self.running = state["step"], dict(state["running"])
+        self.metrics = dict(state.get("metrics", {}))
         self.data.load_state_dict(state["data"])
         self.rng.load_state_dict(state["rng"])
 
@@ -344,7 +355,8 @@ def train(cfg: TrainConfig, max_steps: int | None = None, progress: bool = True)
         bar.set_postfix({**{k: f"{v:.4f}" for k, v in run.running.items()}, "lr": f"{first_lr:.2e}"})
         if step % cfg.log_every == 0 and accelerator.is_main_process:
             with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, **run.running, "lr": run.lrs()}) + "\n")
+                metrics = {"metrics": dict(run.metrics)} if run.metrics else {}
+                f.write(json.dumps({"step": step, **run.running, "lr": run.lrs(), **metrics}) + "\n")
             if plain:
                 losses = ", ".join(f"{k} {v:.4f}" for k, v in run.running.items())
                 print(
@@ -357,6 +369,10 @@ def train(cfg: TrainConfig, max_steps: int | None = None, progress: bool = True)
             if grid is not None:
                 (out / "samples").mkdir(exist_ok=True)
                 grid.save(out / "samples" / f"step_{step:06d}.png")
+            probe = run.recipe.probe(run.eval_modules())
+            if probe:
+                with open(out / "log.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, "probe": probe}) + "\n")
     bar.close()
     accelerator.wait_for_everyone()
     summary = {"step": run.step, "steps": plan.steps, "losses": dict(run.running), "output_dir": str(out)}

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -65,10 +65,16 @@ class RandomStreams:
 @dataclass
 class StepContext:
     """``step``: the 1-based number of the step being computed (a pure function of it is safe across resumes);
-    ``rng``: the run's streams — draw with ``generator=ctx.generator(device)``, never from the global RNG."""
+    ``rng``: the run's streams — draw with ``generator=ctx.generator(device)``, never from the global RNG;
+    ``metrics``: scalars a step records beside its losses (:meth:`record`; logged, never back-propagated)."""
 
     step: int
     rng: RandomStreams
+    metrics: dict[str, float] = field(default_factory=dict)
 
     def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
         return self.rng.on(device)
+
+    def record(self, name: str, value) -> None:
+        """Log ``value`` (a number or a one-element tensor) under ``metrics.name`` in the run's log.jsonl."""
+        self.metrics[name] = float(value.detach().float().item() if torch.is_tensor(value) else value)

@@ -147,3 +147,42 @@ def judge(image: Image.Image, caption: str | ParsedCaption) -> Verdict:
             verdicts.append(best[1])
     bg_ok = None if parsed.background is None else parsed.background == background
     return Verdict(verdicts, bg_ok)
+
+
+@dataclass
+class Detection:
+    """An object the judge finds without a caption: its pixel box (x0, y0, x1, y1), colour, shape, size and the
+    IoU of its best template as a confidence score."""
+
+    box: tuple[int, int, int, int]
+    color: str
+    shape: str
+    size: str
+    score: float
+
+    @property
+    def label(self) -> str:
+        return f"{self.color} {self.shape}"
+
+
+def detect(image: Image.Image) -> list[Detection]:
+    """The judge as an object detector: every palette colour other than the background's that covers at least
+    the judge's minimum area is one object (its largest connected region), read as the best-matching shape."""
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32)
+    side = arr.shape[0]
+    labels, dist = _labels(arr)
+    border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+    background = _NAMES[np.bincount(border, minlength=len(_NAMES)).argmax()]
+    min_area = MIN_AREA_FRACTION * np.pi * (SIZES["small"] * side) ** 2 * 0.5
+    found = []
+    for i, name in enumerate(_NAMES):
+        if name == background or name not in COLORS:
+            continue
+        region = _largest_region((labels == i) & (dist < MAX_COLOR_DISTANCE))
+        if region is None or region.sum() < min_area:
+            continue
+        ys, xs = np.nonzero(region)
+        shape, size, iou = _match_shape(region, _position(region))
+        box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+        found.append(Detection(box, name, shape, size, float(iou)))
+    return found

@@ -73,3 +73,22 @@ def render(scene: Scene, size: int = 64) -> Rendered:
         ys, xs = np.nonzero(small > 0.5)
         boxes.append((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1) if len(xs) else (0, 0, 0, 0))
     return Rendered(canvas.resize((size, size), Image.BOX), masks, boxes)
+
+
+def outlines(scene: Scene, size: int = 64) -> np.ndarray:
+    """The true outlines of a scene's visible objects: an (H, W) boolean map at ``size``, for scoring edge maps.
+
+    Objects are drawn as labels at ``SUPERSAMPLE``× in drawing order (later objects cover earlier ones, as in
+    ``render``); a sub-pixel is on an outline where its label differs from its right or lower neighbour, and a
+    pixel is an outline pixel if any of its sub-pixels is. The image border is not an outline."""
+    big = size * SUPERSAMPLE
+    labels = Image.new("L", (big, big), 0)
+    draw = ImageDraw.Draw(labels)
+    for index, obj in enumerate(scene.objects, start=1):
+        cx, cy, r = object_geometry(obj, big)
+        draw_shape(draw, obj.shape, cx, cy, r, index)
+    lab = np.asarray(labels)
+    edge = np.zeros((big, big), dtype=bool)
+    edge[:, :-1] |= lab[:, :-1] != lab[:, 1:]
+    edge[:-1, :] |= lab[:-1, :] != lab[1:, :]
+    return edge.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).any(axis=(1, 3))

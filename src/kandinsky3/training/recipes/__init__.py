@@ -7,8 +7,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 from .base import Recipe
+from .controlnet import ControlNetRecipe
+from .clip import ClipRecipe
 from .diffusion import DiffusionRecipe
 from .flash_add import FlashADDRecipe
+from .ip_adapter import IPAdapterRecipe
+from .inpainting import InpaintingRecipe
 from .movq import MoVQRecipe
 from .superres import SuperResRecipe
 from .toy_gan import ToyGANRecipe
@@ -18,7 +22,11 @@ RECIPES: dict[str, type[Recipe]] = {
     "diffusion": DiffusionRecipe,
     "superres": SuperResRecipe,
     "flash": FlashADDRecipe,
+    "controlnet": ControlNetRecipe,
+    "inpainting": InpaintingRecipe,
     "toy_gan": ToyGANRecipe,
+    "clip": ClipRecipe,
+    "ip_adapter": IPAdapterRecipe,
 }
 
 

@@ -89,5 +89,10 @@ class Recipe:
     def sample_grid(self, modules: dict[str, torch.nn.Module]) -> Image.Image | None:
         return None
 
+    def probe(self, modules: dict[str, torch.nn.Module]) -> dict[str, float] | None:
+        """Quality numbers of the current (EMA) modules, logged with the sample grids (``probe`` lines in
+        log.jsonl), e.g. judge-read alignment of a few samples; None: the recipe has none."""
+        return None
+
     def export(self, modules: dict[str, torch.nn.Module], path):
         raise NotImplementedError

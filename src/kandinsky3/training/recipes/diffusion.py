@@ -123,7 +123,8 @@ class DiffusionTrainable(nn.Module):
         )
         noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype, generator=generator)
         x_t = self.schedule.q_sample(latents, t, noise)
-        eps = self.unet(x_t, t.float(), context, mask, None, lengths)
+        # extra_channels: the inpainting recipe's [keep-mask, masked-image latent] (None for text→image)
+        eps = self.unet(x_t, t.float(), context, mask, None, lengths, extra_channels=batch.get("extra_channels"))
         loss = (eps.float() - noise).square().mean(dim=(1, 2, 3))
         if self.min_snr_gamma:
             loss = loss * min_snr_weight(self.schedule.alphas_cumprod.to(t.device)[t], self.min_snr_gamma)

@@ -32,6 +32,8 @@ from ...models.config import ConfigError
 from ...models.discriminator import LatentDiscriminator
 from ...models.seeding import drawing_from
 from ...registry import SamplerDefaults
+from ...world.dataset import world_sample
+from ...world.judge import judge
 from ..protocol import OptimizerSpec
 from .base import Recipe, image_grid
 from .diffusion import SAMPLE_PROMPTS
@@ -56,6 +58,7 @@ class FlashADDParams:
     head_width: int = 64  # channels of each discriminator head
     head_text_attention: bool = True  # heads attend to the text tokens (ablation: False)
     export_dtype: str | None = None  # e.g. fp16
+    probe_captions: int = 40  # validation captions judged at every sample_every step (0: no probe)
 
     def validate(self, cfg):
         if self.loss not in LOSSES:
@@ -170,14 +173,20 @@ class FlashADDRecipe(Recipe):
             return discriminator(x, s.float(), **text)
 
         fake_s = self.schedule.q_sample(fake.detach(), s, noise_s)
+        score_real, score_fake = critic(real_s), critic(fake_s)
+        ctx.record("critic_gap", score_real.mean() - score_fake.mean())  # how far ahead the critic is
         if p.loss == "wasserstein":
-            d_loss = critic(fake_s).mean() - critic(real_s).mean()
+            d_loss = score_fake.mean() - score_real.mean()
             if p.gp_weight:
-                d_loss = d_loss + p.gp_weight * gradient_penalty(critic, real_s, fake_s, g)
+                penalty = gradient_penalty(critic, real_s, fake_s, g)
+                ctx.record("gradient_penalty", penalty)
+                d_loss = d_loss + p.gp_weight * penalty
         else:
-            d_loss = F.relu(1 - critic(real_s)).mean() + F.relu(1 + critic(fake_s)).mean()
+            d_loss = F.relu(1 - score_real).mean() + F.relu(1 + score_fake).mean()
             if p.r1_weight:
-                d_loss = d_loss + p.r1_weight / 2 * r1_penalty(critic, real_s)
+                penalty = r1_penalty(critic, real_s)
+                ctx.record("r1_penalty", penalty)
+                d_loss = d_loss + p.r1_weight / 2 * penalty
         yield "discriminator", d_loss
 
         g_loss = -critic(self.schedule.q_sample(fake, s, noise_s)).mean()  # the critic has just stepped
@@ -218,6 +227,31 @@ class FlashADDRecipe(Recipe):
         rows = [pipe.generate(SAMPLE_PROMPTS, seed=0, steps=n, progress=False) for n in (1, 2, len(FLASH_TIMESTEPS))]
         student.train(was_training)
         return image_grid(rows)
+
+    @torch.no_grad()
+    def probe(self, modules):
+        """Judge-read alignment of the student's Flash samples at 4 and 2 steps on ``probe_captions`` fixed
+        validation captions (half one object, half two): the curve beside the losses in docs/flash.md."""
+        n = self.params.probe_captions
+        if not n:
+            return None
+        student = modules["student"]
+        was_training = student.training
+        student.eval()
+        pipe = self.pipeline(student)
+        samples = [world_sample(i, "val", num_objects=1 + i % 2, complete_caption=True) for i in range(n)]
+        result = {}
+        for steps in (len(FLASH_TIMESTEPS), 2):
+            images = pipe.generate([s.caption for s in samples], seed=0, steps=steps, progress=False)
+            for objects in (1, 2):
+                verdicts = [
+                    judge(im, s.caption).aligned
+                    for i, (s, im) in enumerate(zip(samples, images))
+                    if i % 2 == objects - 1
+                ]
+                result[f"alignment_{objects}obj_{steps}steps"] = sum(verdicts) / len(verdicts)
+        student.train(was_training)
+        return result
 
     def export(self, modules, path):
         student = modules["student"].eval()

@@ -1,0 +1,122 @@
+"""The ControlNet adapter: residuals for the U-Net's skips, computed from (x_t, t), the hint and the text at every
+step (spec §8.4), scaled by ``scale`` inside the control window and skipped outside it.
+
+**Which step is it?** The adapter is called with (x_t, t, branch) only, so it counts steps itself: a step is a
+new timestep value (``t`` differs from the last call's). Both guidance branches of one step share their t, so
+guided and unguided runs count alike, and so does any sampler that calls the denoiser once per timestep (k3,
+Flash, the diffusers schedulers); the count does not depend on the timestep values, so partial (image→image)
+runs and Flash's re-noised timesteps are counted the same way. Step i of an N-step run is controlled when
+``int(N·start) ≤ i < int(N·end)``; outside that window the scale is 0 and the ControlNet is not run at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+
+from .conditioning import Conditioning, _move
+from .sampling import flash_timesteps, partial_steps
+
+
+def run_length(sampler: str, steps: int, strength: float = 1.0) -> int:
+    """N: how many denoiser calls (steps) a run of ``sampler`` makes — all ``steps``, or the part an image→image
+    run at ``strength`` keeps (k3 and the diffusers schedulers: ``max(1, int(steps·strength))``; Flash: its
+    timesteps below ``strength·1000``)."""
+    if strength >= 1.0:
+        return steps
+    if sampler == "flash":
+        return len([t for t in flash_timesteps(steps) if t < strength * 1000]) or 1
+    return partial_steps(steps, strength)
+
+
+def control_window(steps: int, start: float, end: float) -> range:
+    """The step indices ``[int(N·start), int(N·end))`` of an N-step run that get the ControlNet's residuals."""
+    return range(int(steps * start), int(steps * end))
+
+
+def scale_at(scale, shape: tuple[int, ...]) -> torch.Tensor | float:
+    """``scale`` for a residual of ``shape`` (B, C, h, w): a number as is, a spatial map — (H, W), (1|B, 1, H, W) —
+    resized to (h, w) with 'nearest-exact' (the fork's img2img/regional ControlNet)."""
+    if not torch.is_tensor(scale):
+        return float(scale)
+    k = scale
+    if k.dim() == 2:
+        k = k[None, None]
+    if k.shape[-2:] != tuple(shape[-2:]):
+        k = F.interpolate(k.float(), size=tuple(shape[-2:]), mode="nearest-exact").to(k.dtype)
+    return k
+
+
+@dataclass
+class ControlAdapter:
+    """``adapter(x_t, t, branch) → {"control_residuals": [...]}`` for the U-Net.
+
+    controlnet: a :class:`~kandinsky3.models.controlnet.ControlNet`; hint: (1 | B, C, H, W) at image resolution
+    (expanded over the batch); scale: a number or a spatial map (H, W) / (1 | B, 1, H, W); start / end: the
+    control window as fractions of the run's ``steps`` (the denoiser calls the sampler makes). The text inputs of
+    each branch come from the Denoiser's :class:`Conditioning` (:meth:`bind`)."""
+
+    controlnet: torch.nn.Module
+    hint: torch.Tensor
+    scale: float | torch.Tensor = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    steps: int = 1
+    conditioning: Conditioning | None = None
+    _step: int = field(default=-1, repr=False)
+    _last_t: float | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if not 0.0 <= self.start <= self.end <= 1.0:
+            raise ValueError(f"the control window needs 0 ≤ start ≤ end ≤ 1, got start {self.start}, end {self.end}")
+
+    @property
+    def window(self) -> range:
+        return control_window(self.steps, self.start, self.end)
+
+    def to(self, device, dtype) -> "ControlAdapter":
+        """A fresh adapter (step count reset) with the hint (and a spatial scale) on ``device``; the ControlNet
+        module itself is moved there (in place) if it is elsewhere, in the U-Net's dtype."""
+        param = next(self.controlnet.parameters())
+        if param.device != torch.device(device) or param.dtype != dtype:
+            self.controlnet.to(device=device, dtype=dtype)
+        scale = _move(self.scale, device, dtype) if torch.is_tensor(self.scale) else self.scale
+        return replace(self, hint=_move(self.hint, device, dtype), scale=scale, _step=-1, _last_t=None)
+
+    def bind(self, conditioning: Conditioning) -> "ControlAdapter":
+        """The same adapter reading each branch's text inputs from ``conditioning`` (called by the Denoiser)."""
+        return replace(self, conditioning=conditioning)
+
+    def _advance(self, t: torch.Tensor) -> int:
+        value = float(t.reshape(-1)[0])
+        if value != self._last_t:
+            self._step, self._last_t = self._step + 1, value
+        return self._step
+
+    def scale_for_step(self, step: int):
+        return self.scale if step in self.window else 0.0
+
+    @torch.no_grad()
+    def residuals(self, x_t: torch.Tensor, t: torch.Tensor, text: dict, scale) -> list[torch.Tensor]:
+        """The scaled residuals for a batch (``text``: the U-Net's context keyword inputs for it)."""
+        hint = self.hint
+        if hint.shape[0] != x_t.shape[0]:
+            hint = hint.expand(x_t.shape[0], -1, -1, -1)
+        residuals = self.controlnet(x_t, t, hint, **text)
+        return [r * scale_at(scale, r.shape) for r in residuals]
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, branch: str) -> dict:
+        if self.conditioning is None:
+            raise RuntimeError("ControlAdapter needs the text condition: the Denoiser binds it (adapter.bind)")
+        t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32).expand(x_t.shape[0])
+        step = self._advance(t)
+        scale = self.scale_for_step(step)
+        if not torch.is_tensor(scale) and scale == 0.0:
+            return {}  # outside the window (or scale 0): the U-Net gets no residuals, the ControlNet is not run
+        text = self.conditioning.unet_inputs(branch)
+        return {"control_residuals": self.residuals(x_t, t, text, scale)}
+
+
+__all__ = ["ControlAdapter", "control_window", "run_length", "scale_at"]

@@ -1,0 +1,194 @@
+"""Contrastive CLIP training on the shapes world (the nano CLIP: the nano IP-Adapter's image encoder, and the
+CLIP-score metric of ``kandinsky3 eval clipscore``).
+
+A ``transformers.CLIPModel`` (``models.clip.nano_clip_config``) over nano's word-level tokenizer learns the
+symmetric InfoNCE loss of CLIP on (render, caption) batches, plus a **hard-negative** term: each render also
+ranks its complete caption against ``hard_negatives`` foil captions that differ in exactly one attribute (colour,
+shape, size, position of one object, or the background; ``world/foils.py``). Random in-batch negatives almost never
+differ in one attribute only, and telling those apart is what the IP-Adapter needs from the embedding and what the
+zero-shot retrieval check measures.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...checkpoints.loading import parse_dtype
+from ...models.clip import clip_embedders, nano_clip_config, nano_image_processor
+from ...models.config import ConfigError
+from ...models.seeding import drawing_from
+from ...models.text import build_word_tokenizer
+from ...world import caption_scene, vocabulary
+from ...world.dataset import SPLIT_SEEDS, to_tensor, world_sample
+from ...world.foils import foil_captions, retrieval_accuracy
+from .base import Recipe
+
+
+@dataclass
+class ClipParams:
+    """``model:`` of the clip recipe."""
+
+    name: str = "nano-clip"
+    patch_size: int = 8
+    width: int = 128
+    vision_layers: int = 4
+    text_layers: int = 2
+    heads: int = 4
+    projection_dim: int = 64
+    hard_negatives: int = 3  # one-attribute foil captions per render (0: plain CLIP)
+    hard_negative_weight: float = 1.0
+    probe_scenes: int = 100  # zero-shot retrieval (1 true vs 7 foils) on this many val renders at sample_every
+    export_dtype: str | None = "fp16"
+
+    def validate(self, cfg):
+        if self.hard_negatives < 0 or self.hard_negative_weight < 0:
+            raise ConfigError("model.hard_negatives and model.hard_negative_weight must be ≥ 0")
+        if cfg.data.source != "world" and self.hard_negatives:
+            raise ConfigError("hard negatives need the shapes world (data.source: world), or model.hard_negatives: 0")
+        if cfg.data.size % self.patch_size:
+            raise ConfigError(f"data.size {cfg.data.size} is not a multiple of model.patch_size {self.patch_size}")
+
+
+class WorldCaptions(torch.utils.data.Dataset):
+    """Renders of a world split with their caption, complete caption and ``k`` one-attribute foils, materialised
+    once (rendering costs more than a training step on a CPU)."""
+
+    def __init__(self, length: int, split: str, size: int, k: int):
+        from tqdm.auto import tqdm
+
+        self.images, self.captions, self.complete, self.foils = [], [], [], []
+        for i in tqdm(range(length), desc="rendering", leave=False):
+            s = world_sample(i, split, size)
+            rng = random.Random(SPLIT_SEEDS[split] * 31 + i)
+            self.images.append(to_tensor(s.image))
+            self.captions.append(s.caption)
+            self.complete.append(caption_scene(s.scene, rng, complete=True))
+            self.foils.append([c for c, _ in foil_captions(s.scene, rng, k)] if k else [])
+        self.images = torch.stack(self.images)
+
+    def __len__(self):
+        return len(self.captions)
+
+    def __getitem__(self, i):
+        return {
+            "image": self.images[i],
+            "caption": self.captions[i],
+            "complete": self.complete[i],
+            "foils": self.foils[i],
+        }
+
+
+class ClipTrainable(nn.Module):
+    def __init__(self, clip, hard_negative_weight: float):
+        super().__init__()
+        self.clip, self.hard_negative_weight = clip, hard_negative_weight
+
+    def forward(self, batch):
+        clip = self.clip
+        image = F.normalize(_features(clip.get_image_features(pixel_values=batch["pixels"])), dim=-1)
+        text = F.normalize(
+            _features(clip.get_text_features(input_ids=batch["ids"], attention_mask=batch["mask"])), dim=-1
+        )
+        b = image.shape[0]
+        scale = clip.logit_scale.exp().clamp(max=100)
+        text_b = text[:b]
+        logits = scale * image @ text_b.T
+        target = torch.arange(b, device=image.device)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        k1 = (text.shape[0] - b) // b  # complete caption + k foils per render
+        if k1 > 1 and self.hard_negative_weight:
+            groups = text[b:].view(b, k1, -1)  # (B, 1+k, D), the complete caption first
+            hard = scale * torch.einsum("bd,bkd->bk", image, groups)
+            loss = loss + self.hard_negative_weight * F.cross_entropy(hard, torch.zeros_like(target))
+        return loss
+
+
+def _features(out):
+    """``get_*_features`` return a tensor (transformers 4) or an output with ``pooler_output`` (5)."""
+    return out if torch.is_tensor(out) else out.pooler_output
+
+
+class ClipRecipe(Recipe):
+    Params = ClipParams
+
+    def __init__(self, cfg, device, rng):
+        self.tokenizer = build_word_tokenizer(vocabulary())
+        super().__init__(cfg, device, rng)
+        m = self.params
+        from transformers import CLIPModel
+
+        self.config = nano_clip_config(
+            len(self.tokenizer),
+            cfg.data.size,
+            m.patch_size,
+            m.width,
+            m.vision_layers,
+            m.text_layers,
+            m.heads,
+            m.projection_dim,
+        )
+        self.processor = nano_image_processor(cfg.data.size)
+        with drawing_from(rng.cpu):
+            self.trainable = ClipTrainable(CLIPModel(self.config), m.hard_negative_weight)
+        self.modules = {"model": self.trainable}
+
+    def make_dataset(self):
+        d = self.cfg.data
+        if d.source == "world":
+            return WorldCaptions(d.length, d.split, d.size, self.params.hard_negatives)
+        return super().make_dataset()
+
+    def _tokens(self, texts: list[str]):
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=64, return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"]
+
+    def _pixels(self, images: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.processor.image_mean)[None, :, None, None]
+        std = torch.tensor(self.processor.image_std)[None, :, None, None]
+        return ((images.float() + 1) / 2 - mean) / std
+
+    def prepare(self, batch, ctx):
+        texts = list(batch["caption"])
+        if self.params.hard_negatives and "complete" in batch:
+            for complete, foils in zip(batch["complete"], batch["foils"]):
+                texts += [complete, *foils]
+        ids, mask = self._tokens(texts)
+        return {
+            "pixels": self._pixels(batch["image"]).to(self.device),
+            "ids": ids.to(self.device),
+            "mask": mask.to(self.device),
+        }
+
+    def step(self, modules, batch, ctx):
+        return {"loss": modules["model"](batch)}
+
+    @torch.no_grad()
+    def probe(self, modules):
+        n = self.params.probe_scenes
+        if not n or self.cfg.data.source != "world":
+            return None
+        clip = modules["model"].clip
+        was = clip.training
+        clip.eval()
+        images, texts = clip_embedders(clip, self.tokenizer, self.processor)
+        report = retrieval_accuracy(images, texts, n, split="val", size=self.cfg.data.size)
+        clip.train(was)
+        return {"retrieval_top1": report.top1}
+
+    def export(self, modules, path):
+        import copy
+
+        path = Path(path)
+        clip = copy.deepcopy(modules["model"].clip).eval()
+        dtype = parse_dtype(self.params.export_dtype, None)
+        if dtype is not None:
+            clip = clip.to(dtype)
+        clip.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+        self.processor.save_pretrained(path)

@@ -1,0 +1,101 @@
+"""The controlnet recipe (issue #15): initialisation from the base U-Net's encoder, the base frozen, hints made as
+``control()`` makes them, checkpoints + resume, export; and the eval's cases."""
+
+import numpy as np
+import pytest
+import torch
+
+from kandinsky3.checkpoints.controlnet import load_controlnet
+from kandinsky3.edges import extract_edges, image_to_unit
+from kandinsky3.images import pil_to_tensor
+from kandinsky3.registry import VARIANTS
+from kandinsky3.training import TrainConfig, train
+from kandinsky3.training.recipes import make_recipe
+from kandinsky3.training.recipes.controlnet import hints_from_images, strip_positions
+from kandinsky3.world import world_sample
+
+
+def _config(out, **model) -> TrainConfig:
+    return TrainConfig.from_dict(
+        {
+            "recipe": "controlnet",
+            "output_dir": str(out),
+            "model": {"base": "tiny", **model},
+            "data": {"length": 8, "size": 64},
+            "steps": 4,
+            "batch_size": 2,
+            "warmup_steps": 1,
+            "checkpoint_every": 2,
+            "sample_every": 1000,
+            "log_every": 1,
+            "seed": 0,
+            "ema_decay": 0.9,
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    "caption, expected",
+    [
+        ("a red circle in the top left on a gray background", "a red circle on a gray background"),
+        ("a big blue star on the right and a green square at the bottom", "a big blue star and a green square"),
+        (
+            "there is a small white triangle in the middle, black background",
+            "there is a small white triangle, black background",
+        ),
+        ("a purple star", "a purple star"),
+    ],
+)
+def test_position_phrases_are_stripped(caption, expected):
+    assert strip_positions(caption) == expected
+
+
+def test_training_hints_are_the_inference_hints():
+    """The recipe's hint of a render = what control() extracts from that render (8-bit soft edges)."""
+    images = [world_sample(i, "val").image for i in range(3)]
+    train_hints = hints_from_images(torch.cat([pil_to_tensor(im) for im in images]))
+    assert train_hints.dtype == torch.uint8 and train_hints.shape == (3, 1, 64, 64)
+    for im, hint in zip(images, train_hints):
+        inference = image_to_unit(extract_edges(im))  # (1, 3, H, W), three equal channels
+        assert torch.equal((inference[0, 0] * 255).round().to(torch.uint8), hint[0])
+
+
+def test_recipe_starts_from_the_encoder_and_trains_only_the_controlnet(tmp_path):
+    recipe = make_recipe(_config(tmp_path), "cpu")
+    net = recipe.modules["controlnet"]
+    unet = recipe.unet
+    for name, value in net.state_dict().items():
+        if name.startswith(("convs.", "input_hint_block.out")):
+            assert torch.count_nonzero(value) == 0, name
+        elif not name.startswith("input_hint_block."):
+            assert torch.equal(value, unet.state_dict()[name]), name
+    assert not any(p.requires_grad for p in unet.parameters())
+    assert all(p.requires_grad for p in net.parameters())
+    assert set(recipe.modules) == {"controlnet"}
+    assert recipe.dataset.tensors["hint"].dtype == torch.uint8 and "image" not in recipe.dataset.tensors
+
+
+def test_short_run_resumes_exactly_and_exports_a_loadable_controlnet(tmp_path):
+    whole = train(_config(tmp_path / "whole"), progress=False)
+    train(_config(tmp_path / "split"), max_steps=2, progress=False)
+    resumed = train(_config(tmp_path / "split"), progress=False)
+    assert whole["step"] == resumed["step"] == 4 and np.isfinite(whole["losses"]["loss"])
+    a = load_controlnet(tmp_path / "whole" / "export", VARIANTS["tiny"].unet)
+    b = load_controlnet(tmp_path / "split" / "export", VARIANTS["tiny"].unet)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert any(torch.count_nonzero(v) for k, v in a.state_dict().items() if k.startswith("convs."))  # it learnt
+
+
+def test_eval_cases_recolour_every_object_and_drop_positions():
+    from kandinsky3.eval.controlnet import control_cases
+    from kandinsky3.world import parse_caption
+
+    for case in control_cases(20):
+        layout = parse_caption(case.layout_caption)
+        assert all(o.position is None for o in layout.objects)
+        assert [(o.color, o.shape) for o in layout.objects] == [(o.color, o.shape) for o in case.objects]
+        look = parse_caption(case.look_caption)
+        assert [o.shape for o in look.objects] == [o.shape for o in case.objects]
+        assert all(new.color != old.color for new, old in zip(case.look_objects, case.objects))
+        assert len({o.color for o in case.look_objects}) == len(case.objects)
+        assert [o.position for o in case.look_objects] == [o.position for o in case.objects]

@@ -1,0 +1,310 @@
+"""The inpainting recipe: one builder of the extra channels for training and inference, the widened init, the
+data with boxes, a short run that resumes exactly, and the inpaint task's bad inputs."""
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from kandinsky3 import Kandinsky3, tasks
+from kandinsky3.diffusion.inpainting import inpainting_channels
+from kandinsky3.models.unet import UNet
+from kandinsky3.registry import VARIANTS
+from kandinsky3.training import TrainConfig, train
+from kandinsky3.training.recipes import inpainting as recipe_module
+from kandinsky3.training.recipes.inpainting import widen_in_layer
+from kandinsky3.training.region_data import CocoRegions, WorldRegions, read_coco_boxes
+
+REPO = Path(__file__).parent.parent
+NANO = str(REPO / "src" / "kandinsky3" / "weights" / "nano")
+
+
+def _official_extra(encode, pixels, repaint):
+    """Spec §6 written out: keep = 1 − mask; zero every pixel whose keep ≠ 1; encode; nearest-resize keep."""
+    keep = 1 - repaint
+    hole = keep != 1
+    masked = pixels.clone()
+    masked[hole.expand_as(pixels)] = 0.0
+    latent = encode(masked)
+    small = F.interpolate(keep, size=latent.shape[-2:], mode="nearest")
+    return torch.cat([small, latent], 1)
+
+
+def test_builder_matches_the_official_rule(tiny):
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.rand(2, 3, 64, 64, generator=g) * 2 - 1
+    repaint = torch.zeros(2, 1, 64, 64)
+    repaint[0, :, 8:30, 10:50] = 1
+    repaint[1, :, 40:, :20] = 0.3  # fractional: a hole in the masked image, 0.7 in the keep channel
+    with torch.no_grad():
+        got = inpainting_channels(tiny.movq.encode, pixels, repaint)
+        want = _official_extra(tiny.movq.encode, pixels, repaint)
+    assert got.shape == (2, 5, 8, 8)
+    assert torch.equal(got, want)
+
+
+def test_inference_path_feeds_the_unet_what_the_builder_returns(tiny_inpainting, monkeypatch):
+    calls = []
+    real = tasks.inpainting_channels
+
+    def spy(encode, pixels, repaint):
+        out = real(encode, pixels, repaint)
+        calls.append((pixels.clone(), repaint.clone(), out.clone()))
+        return out
+
+    monkeypatch.setattr(tasks, "inpainting_channels", spy)
+    image = Image.new("RGB", (64, 64), (30, 120, 200))
+    mask = np.zeros((64, 64), np.float32)
+    mask[10:40, 20:50] = 1
+    from kandinsky3.requests import Inpaint
+
+    plan = tasks.plan_inpaint(tiny_inpainting, Inpaint(image=image, mask=mask, prompt=["a", "b"], steps=2))
+    assert len(calls) == 1
+    pixels, repaint, out = calls[0]
+    assert torch.equal(plan.adapters[0].channels, out.expand(2, -1, -1, -1))
+    assert torch.equal(repaint[0, 0], torch.from_numpy(mask))
+    # the U-Net receives exactly these channels after x_t in both guidance branches
+    seen = []
+    unet = tiny_inpainting.unet
+    hook = unet.in_layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    try:
+        tiny_inpainting.inpaint(image, mask, "a", steps=1, seed=0, progress=False)
+    finally:
+        hook.remove()
+    assert torch.equal(seen[0][:, 4:], torch.cat([out, out]).to(seen[0].dtype))
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    out = tmp_path_factory.mktemp("inpaint")
+    return _make(out)
+
+
+def _cfg_dict(out, **extra):
+    unet = dict(VARIANTS["nano"].unet.to_dict(), num_channels=9)
+    return {
+        "recipe": "inpainting",
+        "output_dir": str(out),
+        "export_dir": str(out / "model"),
+        "model": {
+            "name": "nano-inpainting-test",
+            "movq": NANO,
+            "init": "nano",
+            "shares": "nano",
+            "unet": unet,
+            "text_encoder": {
+                "tokenizer": "world",
+                "d_model": 128,
+                "d_ff": 256,
+                "d_kv": 32,
+                "num_heads": 4,
+                "num_layers": 2,
+            },
+            "train_text_encoder": False,
+        },
+        "data": {"length": 16},
+        "steps": 4,
+        "batch_size": 4,
+        "warmup_steps": 1,
+        "checkpoint_every": 2,
+        "sample_every": 100,
+        **extra,
+    }
+
+
+def _cfg(out, **extra):
+    return TrainConfig.from_dict(_cfg_dict(out, **extra))
+
+
+def _make(out):
+    from kandinsky3.training.recipes import make_recipe
+
+    return make_recipe(_cfg(out), "cpu")
+
+
+def test_widened_init_starts_as_exactly_the_base_model(recipe, nano):
+    unet = recipe.trainable.unet.eval()
+    assert unet.in_channels == 9
+    assert torch.count_nonzero(unet.in_layer.weight[:, 4:]) == 0
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    extra = torch.randn(2, 5, 8, 8)
+    ctx, cmask = nano.text_encoder.encode(["a red circle", "a blue star"])[:2]
+    with torch.no_grad():
+        a = unet(x, torch.tensor([500.0, 20.0]), ctx, cmask, extra_channels=extra)
+        b = nano.unet(x, torch.tensor([500.0, 20.0]), ctx, cmask)
+    assert torch.allclose(a, b, atol=1e-5)
+    # T5 and projection are nano's and frozen (they are shared, not exported)
+    assert not any(p.requires_grad for p in recipe.trainable.text.parameters())
+    assert recipe.trainable.null_embedding.requires_grad
+
+
+def test_widen_in_layer_refuses_to_narrow():
+    from kandinsky3.models.config import ConfigError
+
+    w = {"unet.in_layer.weight": torch.ones(8, 9, 3, 3)}
+    assert widen_in_layer(w, 9) is w
+    with pytest.raises(ConfigError, match="9 input channels, more than the config's 4"):
+        widen_in_layer(w, 4)
+    wide = widen_in_layer({"unet.in_layer.weight": torch.ones(8, 4, 3, 3)}, 9)["unet.in_layer.weight"]
+    assert wide.shape == (8, 9, 3, 3) and wide[:, 4:].abs().sum() == 0 and wide[:, :4].eq(1).all()
+
+
+def test_training_batch_is_built_by_the_same_function(recipe, monkeypatch):
+    calls = []
+    real = recipe_module.inpainting_channels
+    monkeypatch.setattr(recipe_module, "inpainting_channels", lambda *a: calls.append(a) or real(*a))
+
+    class Ctx:
+        def generator(self, device):
+            return torch.Generator().manual_seed(4)
+
+    batch = recipe.collate([recipe.dataset[i] for i in range(4)])
+    prepared = recipe.prepare(batch, Ctx())
+    assert len(calls) == 1
+    repaint, prompts, kinds = recipe.sample_masks(batch, Ctx().generator("cpu"))
+    pixels = batch["pixels"].float() / 127.5 - 1
+    with torch.no_grad():
+        want = real(recipe.movq.encode, pixels, repaint)
+    assert torch.equal(prepared["extra_channels"], want)
+    # a box-based mask is prompted with its object's region caption, the others with the whole caption
+    for i, (p, k) in enumerate(zip(prompts, kinds)):
+        if k in ("box", "shape"):
+            assert p in batch["regions"][i]
+        else:
+            assert p == batch["caption"][i]
+
+
+def test_world_regions_give_boxes_and_exact_region_captions():
+    from kandinsky3.world.captions import parse_caption
+
+    ds = WorldRegions(12, "train", 64)
+    cls = WorldRegions(12, "train", 64, region_prompts="class")
+    item = ds[3]
+    n = len(item["regions"])
+    assert item["image"].dtype == torch.uint8 and item["boxes"].shape == (3, 4)
+    assert (item["boxes"][:n] >= 0).all() and (item["boxes"][n:] == -1).all()
+    from kandinsky3.world.dataset import world_sample
+
+    scene = world_sample(3, "train").scene
+    for obj, text, name in zip(scene.objects, item["regions"], cls[3]["regions"]):
+        (stated,) = parse_caption(text).objects
+        assert (stated.color, stated.shape) == (obj.color, obj.shape)
+        assert name == obj.shape
+
+
+def test_short_run_exports_a_shared_unet_only_model_and_resumes_exactly(tmp_path):
+    full = train(_cfg(tmp_path / "a"), progress=False)
+    train(_cfg(tmp_path / "b"), max_steps=2, progress=False)
+    resumed = train(_cfg(tmp_path / "b"), progress=False)
+    assert full["step"] == resumed["step"] == 4
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "a" / "model" / "unet.safetensors")
+    b = load_file(tmp_path / "b" / "model" / "unet.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    folder = tmp_path / "a" / "model"
+    assert sorted(p.name for p in folder.iterdir()) == ["kandinsky3.json", "unet.safetensors"]
+    assert json.loads((folder / "kandinsky3.json").read_text())["shares"] == "nano"
+    pipe = Kandinsky3.from_pretrained(folder)
+    assert pipe.is_inpainting and pipe.unet.in_channels == 9
+    mask = np.zeros((64, 64), np.float32)
+    mask[20:40, 20:40] = 1
+    (out,) = pipe.inpaint(Image.new("RGB", (64, 64), "gray"), mask, "a red circle", steps=2, progress=False)
+    assert out.size == (64, 64)
+
+
+def test_coco_boxes_outside_the_image_name_the_file(tmp_path):
+    Image.new("RGB", (40, 30)).save(tmp_path / "cat.png")
+    ann = {
+        "images": [{"id": 1, "file_name": "cat.png", "width": 40, "height": 30}],
+        "annotations": [{"id": 7, "image_id": 1, "bbox": [30, 5, 20, 10], "category_id": 1}],
+        "categories": [{"id": 1, "name": "cat"}],
+    }
+    (tmp_path / "annotations.json").write_text(json.dumps(ann))
+    with pytest.raises(ValueError, match=r"cat\.png is outside its 40x30 image"):
+        read_coco_boxes(tmp_path / "annotations.json", tmp_path)
+    ann["annotations"][0]["bbox"] = [10, 5, 20, 10]
+    (tmp_path / "annotations.json").write_text(json.dumps(ann))
+    (tmp_path / "cat.txt").write_text("a cat on a sofa")
+    (tmp_path / "regions.jsonl").write_text(json.dumps({"file": "cat.png", "box": 0, "caption": "a tabby cat"}) + "\n")
+    item = CocoRegions(tmp_path, 16)[0]
+    assert item["regions"] == ["a tabby cat"] and item["caption"] == "a cat on a sofa"
+    # centre crop 30×30 from x = 5, then ×16/30
+    assert torch.allclose(item["boxes"][0], torch.tensor([5, 5, 25, 15]) * 16 / 30)
+    assert CocoRegions(tmp_path, 16, region_prompts="class")[0]["regions"] == ["cat"]
+
+
+# -- the inpaint task's bad inputs -------------------------------------------------------------------------------
+
+
+def test_non_binary_mask_is_thresholded_at_one_half(tiny_inpainting):
+    image = Image.new("RGB", (64, 64), (90, 160, 20))
+    soft = np.zeros((64, 64), np.float32)
+    soft[8:40, 8:40] = 0.7
+    soft[40:50, 40:50] = 0.3  # below the threshold: kept
+    hard = (soft >= 0.5).astype(np.float32)
+    a = tiny_inpainting.inpaint(image, soft, "x", steps=2, seed=1, progress=False)[0]
+    b = tiny_inpainting.inpaint(image, hard, "x", steps=2, seed=1, progress=False)[0]
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    grey = Image.fromarray((soft * 255).astype(np.uint8))  # 178 and 76 of 255
+    c = tiny_inpainting.inpaint(image, grey, "x", steps=2, seed=1, progress=False)[0]
+    assert np.array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_empty_mask_returns_the_input_without_sampling(tiny_inpainting, monkeypatch):
+    image = Image.new("RGB", (64, 64), (90, 160, 20))
+    monkeypatch.setattr(tiny_inpainting, "_execute", lambda *a, **k: pytest.fail("sampled"))
+    with pytest.warns(UserWarning, match="mask is empty"):
+        out = tiny_inpainting.inpaint(image, np.zeros((64, 64)), ["x", "y"], progress=False)
+    assert len(out) == 2 and all(np.array_equal(np.asarray(o), np.asarray(image)) for o in out)
+
+
+def test_full_mask_works_as_text_to_image(tiny_inpainting):
+    image = Image.new("RGB", (64, 64), (90, 160, 20))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (out,) = tiny_inpainting.inpaint(image, np.ones((64, 64)), "x", steps=2, seed=0, progress=False)
+    assert out.size == (64, 64)
+    assert not [w for w in caught if "mask" in str(w.message)]  # a full mask is not an error or a warning
+    # nothing of the input is kept: the masked image is all mid-grey, so any input gives the same picture
+    (other,) = tiny_inpainting.inpaint(
+        Image.new("RGB", (64, 64), "white"), np.ones((64, 64)), "x", steps=2, seed=0, progress=False
+    )
+    assert np.array_equal(np.asarray(out), np.asarray(other))
+
+
+def test_unet_of_nano_inpainting_variant_is_nine_channels():
+    v = VARIANTS["nano-inpainting"]
+    assert v.is_inpainting and v.unet.num_channels == 9 and isinstance(UNet, type)
+
+
+def test_faster_new_inputs_keep_true_weights_in_state_dicts():
+    import copy
+
+    from torch import nn
+
+    from kandinsky3.training.recipes.inpainting import ScaledInputConv
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(9, 8, 3, padding=1)
+    scaled = ScaledInputConv(conv, 4, 10.0)
+    x = torch.randn(2, 9, 8, 8)
+    assert torch.allclose(scaled(x), conv(x), atol=1e-6)
+    assert torch.allclose(scaled.state_dict()["weight"], conv.weight.detach(), atol=1e-7)
+    assert torch.allclose(copy.deepcopy(scaled)(x), conv(x), atol=1e-6)
+    plain = nn.Conv2d(9, 8, 3, padding=1)
+    plain.load_state_dict(scaled.state_dict())
+    assert torch.allclose(plain(x), conv(x), atol=1e-6)
+    # one AdamW step moves the true weights of channels 4.. ten times as far as the others
+    before = scaled.state_dict()["weight"].clone()
+    opt = torch.optim.AdamW(scaled.parameters(), lr=1e-3, weight_decay=0.0)
+    scaled(x).square().mean().backward()
+    opt.step()
+    moved = (scaled.state_dict()["weight"] - before).abs()
+    assert torch.allclose(moved[:, :4], torch.full_like(moved[:, :4], 1e-3), rtol=1e-2)
+    assert torch.allclose(moved[:, 4:], torch.full_like(moved[:, 4:], 1e-2), rtol=1e-2)
