@@ -105,7 +105,7 @@ MUTANTS: list[Mutant] = [
     Mutant(
         "inpaint-keep-inverted",
         "tasks",
-        "tasks.py",
+        "diffusion/inpainting.py",
         "torch.cat([keep_latent, masked_latent], dim=1)",
         "torch.cat([1 - keep_latent, masked_latent], dim=1)",
         (

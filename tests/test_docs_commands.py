@@ -87,6 +87,12 @@ def _needs_unshipped_nano_part(args) -> str | None:
     from kandinsky3.registry import NANO_CONTROLNET_DIR
 
     evaluation = getattr(args, "what", None) if args.command == "eval" else None
+    from kandinsky3.registry import VARIANTS
+
+    model = getattr(args, "model", None) or ("nano-inpainting" if evaluation == "inpainting" else None)
+    variant = VARIANTS.get(str(model).lower())
+    if variant is not None and variant.local_dir is not None and not variant.local_dir.is_dir():
+        return f"needs the {variant.name} weights, not shipped yet (docs/inpainting.md, Status)"
     if (args.command == "control" or evaluation == "controlnet") and not NANO_CONTROLNET_DIR.is_dir():
         return "needs the nano ControlNet, not shipped yet (docs/controlnet.md, Status)"
     image_prompt = args.command in ("variation", "mix") or (args.command == "generate" and args.image is not None)
