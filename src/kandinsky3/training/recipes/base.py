@@ -17,12 +17,14 @@ A recipe declares:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from PIL import Image
 
+from ...checkpoints.loading import Components, load_components
 from ..data import make_dataset
 from ..protocol import OptimizerSpec, RandomStreams, StepContext
 
@@ -33,6 +35,25 @@ def default_collate(items: list[dict]) -> dict:
         values = [it[key] for it in items]
         out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
     return out
+
+
+def load_frozen(name_or_path, device) -> Components:
+    """A trained model whose U-Net, MoVQ and text encoder a recipe only reads: eval mode, no gradients."""
+    components = load_components(name_or_path, device=device)
+    for module in (components.unet, components.movq, components.text_encoder):
+        module.eval().requires_grad_(False)
+    return components
+
+
+@contextlib.contextmanager
+def evaluating(module: torch.nn.Module):
+    """``module`` in eval mode for a sample grid or a probe, then back in the mode it was in."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def image_grid(rows: list[list[Image.Image]]) -> Image.Image:

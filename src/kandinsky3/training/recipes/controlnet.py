@@ -24,13 +24,13 @@ import torch
 
 from ...checkpoints.controlnet import save_controlnet
 from ...checkpoints.io import load_file, load_into, save_safetensors
-from ...checkpoints.loading import Components, load_components, parse_dtype
+from ...checkpoints.loading import Components, parse_dtype
 from ...diffusion import NoiseSchedule
 from ...edges import soft_edges
 from ...models.config import ConfigError
 from ...models.controlnet import ControlNet
 from ...models.seeding import drawing_from
-from .base import Recipe, image_grid
+from .base import Recipe, evaluating, image_grid, load_frozen
 
 
 @dataclass
@@ -90,11 +90,8 @@ class ControlNetRecipe(Recipe):
     def __init__(self, cfg, device, rng):
         super().__init__(cfg, device, rng)
         p = self.params
-        base = load_components(p.base, device=device)
-        self.base_variant = base.variant
-        self.unet = base.unet.eval().requires_grad_(False)
-        self.movq = base.movq.eval().requires_grad_(False)
-        self.text = base.text_encoder.eval().requires_grad_(False)
+        base = load_frozen(p.base, device)
+        self.base_variant, self.unet, self.movq, self.text = base.variant, base.unet, base.movq, base.text_encoder
         self.schedule = NoiseSchedule.named("cosine")
         with drawing_from(rng.cpu):
             net = ControlNet.from_unet(self.unet, p.hint_channels)
@@ -188,15 +185,12 @@ class ControlNetRecipe(Recipe):
         from ...edges import edges_to_image
         from ...world import world_sample
 
-        net = modules["controlnet"]
-        was_training = net.training
-        net.eval()
-        pipe = self.pipeline(net)
         samples = [world_sample(i, "val", self.cfg.data.size, complete_caption=True) for i in range(4)]
         hints = [edges_to_image(hints_from_images(_pixels(s.image)).float() / 255) for s in samples]
         captions = [self._strip(s.caption) for s in samples]
-        images = pipe.control(hints, captions, hint_is_edges=True, seed=[0, 1, 2, 3], steps=20, progress=False)
-        net.train(was_training)
+        with evaluating(modules["controlnet"]) as net:
+            pipe = self.pipeline(net)
+            images = pipe.control(hints, captions, hint_is_edges=True, seed=[0, 1, 2, 3], steps=20, progress=False)
         return image_grid([hints, images])
 
     def export(self, modules, path):

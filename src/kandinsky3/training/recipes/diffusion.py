@@ -23,7 +23,7 @@ from ...models.text import TextEncoder, build_word_tokenizer, make_projection, n
 from ...models.unet import UNet, UNetConfig
 from ...registry import SamplerDefaults, Variant
 from ..growth import grow_into
-from .base import Recipe, image_grid
+from .base import Recipe, evaluating, image_grid
 from .movq import load_movq_export
 
 SAMPLE_PROMPTS = [
@@ -249,15 +249,12 @@ class DiffusionRecipe(Recipe):
 
     @torch.no_grad()
     def sample_grid(self, modules):
-        module = modules["model"]
-        was_training = module.training
-        module.eval()
-        pipe = self.pipeline(module)
-        rows = [
-            pipe.generate(SAMPLE_PROMPTS, seed=0, steps=25, progress=False),
-            pipe.generate(SAMPLE_PROMPTS, seed=1, steps=25, progress=False),
-        ]
-        module.train(was_training)
+        with evaluating(modules["model"]) as module:
+            pipe = self.pipeline(module)
+            rows = [
+                pipe.generate(SAMPLE_PROMPTS, seed=0, steps=25, progress=False),
+                pipe.generate(SAMPLE_PROMPTS, seed=1, steps=25, progress=False),
+            ]
         return image_grid(rows)
 
     def export(self, modules, path):

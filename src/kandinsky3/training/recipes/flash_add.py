@@ -26,7 +26,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ...checkpoints.loading import Components, load_components, parse_dtype, save_components
+from ...checkpoints.loading import Components, parse_dtype, save_components
 from ...diffusion import FLASH_TIMESTEPS, NoiseSchedule
 from ...models.config import ConfigError
 from ...models.discriminator import LatentDiscriminator
@@ -35,7 +35,7 @@ from ...registry import SamplerDefaults
 from ...world.dataset import world_sample
 from ...world.judge import judge
 from ..protocol import OptimizerSpec
-from .base import Recipe, image_grid
+from .base import Recipe, evaluating, image_grid, load_frozen
 from .diffusion import SAMPLE_PROMPTS
 
 LOSSES = ("wasserstein", "hinge")
@@ -107,11 +107,9 @@ class FlashADDRecipe(Recipe):
     def __init__(self, cfg, device, rng):
         super().__init__(cfg, device, rng)
         p = self.params
-        teacher = load_components(p.teacher, device=device)
-        self.teacher_variant, self.movq, self.text = teacher.variant, teacher.movq.eval(), teacher.text_encoder.eval()
-        self.movq.requires_grad_(False)
-        self.text.requires_grad_(False)
-        self.teacher = teacher.unet.eval().requires_grad_(False)
+        teacher = load_frozen(p.teacher, device)
+        self.teacher_variant, self.movq, self.text = teacher.variant, teacher.movq, teacher.text_encoder
+        self.teacher = teacher.unet
         self.schedule = NoiseSchedule.named("cosine")
         student = copy.deepcopy(self.teacher).train().requires_grad_(True)
         with drawing_from(rng.cpu):
@@ -220,12 +218,10 @@ class FlashADDRecipe(Recipe):
     @torch.no_grad()
     def sample_grid(self, modules):
         """Rows: the Flash sampler at 1, 2 and 4 steps (same seeds)."""
-        student = modules["student"]
-        was_training = student.training
-        student.eval()
-        pipe = self.pipeline(student)
-        rows = [pipe.generate(SAMPLE_PROMPTS, seed=0, steps=n, progress=False) for n in (1, 2, len(FLASH_TIMESTEPS))]
-        student.train(was_training)
+        with evaluating(modules["student"]) as student:
+            pipe = self.pipeline(student)
+            steps = (1, 2, len(FLASH_TIMESTEPS))
+            rows = [pipe.generate(SAMPLE_PROMPTS, seed=0, steps=n, progress=False) for n in steps]
         return image_grid(rows)
 
     @torch.no_grad()
@@ -235,22 +231,19 @@ class FlashADDRecipe(Recipe):
         n = self.params.probe_captions
         if not n:
             return None
-        student = modules["student"]
-        was_training = student.training
-        student.eval()
-        pipe = self.pipeline(student)
         samples = [world_sample(i, "val", num_objects=1 + i % 2, complete_caption=True) for i in range(n)]
         result = {}
-        for steps in (len(FLASH_TIMESTEPS), 2):
-            images = pipe.generate([s.caption for s in samples], seed=0, steps=steps, progress=False)
-            for objects in (1, 2):
-                verdicts = [
-                    judge(im, s.caption).aligned
-                    for i, (s, im) in enumerate(zip(samples, images))
-                    if i % 2 == objects - 1
-                ]
-                result[f"alignment_{objects}obj_{steps}steps"] = sum(verdicts) / len(verdicts)
-        student.train(was_training)
+        with evaluating(modules["student"]) as student:
+            pipe = self.pipeline(student)
+            for steps in (len(FLASH_TIMESTEPS), 2):
+                images = pipe.generate([s.caption for s in samples], seed=0, steps=steps, progress=False)
+                for objects in (1, 2):
+                    verdicts = [
+                        judge(im, s.caption).aligned
+                        for i, (s, im) in enumerate(zip(samples, images))
+                        if i % 2 == objects - 1
+                    ]
+                    result[f"alignment_{objects}obj_{steps}steps"] = sum(verdicts) / len(verdicts)
         return result
 
     def export(self, modules, path):

@@ -27,7 +27,7 @@ from ...diffusion.inpainting import inpainting_channels
 from ...models.config import ConfigError
 from ..masks import MaskMixture, MaskSampler, as_numpy_generator
 from ..region_data import REGION_PROMPTS, CocoRegions, WorldRegions
-from .base import image_grid
+from .base import evaluating, image_grid
 from .diffusion import DiffusionParams, DiffusionRecipe, initial_weights
 
 IN_LAYER = "unet.in_layer.weight"
@@ -189,25 +189,22 @@ class InpaintingRecipe(DiffusionRecipe):
         from ...world.dataset import world_sample
         from ...world.render import render
 
-        module = modules["model"]
-        was_training = module.training
-        module.eval()
-        pipe = self.pipeline(module)
-        rows = []
-        for i in range(GRID_SCENES):
-            s = world_sample(i, "test", self.cfg.data.size)
-            obj = s.scene.objects[0]
-            x0, y0, x1, y1 = render(s.scene, self.cfg.data.size).boxes[0]
-            mask = np.zeros((self.cfg.data.size,) * 2, np.float32)
-            mask[y0:y1, x0:x1] = 1
-            other = "blue" if obj.color != "blue" else "red"
-            outs = pipe.inpaint(
-                s.image, mask, [f"a {obj.color} {obj.shape}", f"a {other} star"], seed=0, steps=15, progress=False
-            )
-            from PIL import Image
+        from PIL import Image
 
-            rows.append([s.image, Image.fromarray((mask * 255).astype(np.uint8)).convert("RGB"), *outs])
-        module.train(was_training)
+        rows = []
+        with evaluating(modules["model"]) as module:
+            pipe = self.pipeline(module)
+            for i in range(GRID_SCENES):
+                s = world_sample(i, "test", self.cfg.data.size)
+                obj = s.scene.objects[0]
+                x0, y0, x1, y1 = render(s.scene, self.cfg.data.size).boxes[0]
+                mask = np.zeros((self.cfg.data.size,) * 2, np.float32)
+                mask[y0:y1, x0:x1] = 1
+                other = "blue" if obj.color != "blue" else "red"
+                outs = pipe.inpaint(
+                    s.image, mask, [f"a {obj.color} {obj.shape}", f"a {other} star"], seed=0, steps=15, progress=False
+                )
+                rows.append([s.image, Image.fromarray((mask * 255).astype(np.uint8)).convert("RGB"), *outs])
         return image_grid(rows)
 
     def export(self, modules, path):

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ...checkpoints.ip_adapter import IPAdapterParts, load_image_encoder, save_ip_adapter
-from ...checkpoints.loading import load_components, parse_dtype
+from ...checkpoints.loading import parse_dtype
 from ...diffusion import NoiseSchedule
 from ...models.config import ConfigError
 from ...models.ip_adapter import IPAdapter, IPAdapterConfig
@@ -35,7 +35,7 @@ from ...world import BACKGROUNDS, caption_scene, render
 from ...world.captions import BACKGROUND_TEMPLATES
 from ...world.dataset import SPLIT_SEEDS, to_tensor, world_sample
 from ...world.judge import judge
-from .base import Recipe, image_grid
+from .base import Recipe, image_grid, load_frozen
 
 REFERENCES = ("same", "new_background")
 TEXT_MODES = ("null", "zeros")
@@ -127,11 +127,8 @@ class IPAdapterRecipe(Recipe):
     def __init__(self, cfg, device, rng):
         super().__init__(cfg, device, rng)
         p = self.params
-        base = load_components(p.base, device=device)
-        self.base_variant = base.variant
-        self.unet = base.unet.eval().requires_grad_(False)
-        self.movq = base.movq.eval().requires_grad_(False)
-        self.text = base.text_encoder.eval().requires_grad_(False)
+        base = load_frozen(p.base, device)
+        self.base_variant, self.unet, self.movq, self.text = base.variant, base.unet, base.movq, base.text_encoder
         self.encoder = load_image_encoder(p.image_encoder, device=device)
         self.schedule = NoiseSchedule.named("cosine")
         config = IPAdapterConfig(self.encoder.embed_dim, p.num_tokens, self.unet.config)

@@ -19,7 +19,7 @@ from ...checkpoints.io import save_json, save_safetensors
 from ...images import tensor_to_pil
 from ...models.movq import MoVQ, MoVQConfig
 from ...models.seeding import drawing_from
-from .base import Recipe, image_grid
+from .base import Recipe, evaluating, image_grid
 
 
 @dataclass
@@ -101,12 +101,9 @@ class MoVQRecipe(Recipe):
 
     @torch.no_grad()
     def sample_grid(self, modules):
-        module = modules["model"]
-        was_training = module.training
-        module.eval()
-        x = self.preview.to(next(module.parameters()).device)
-        recon = module.movq.decode_untiled(module.movq.encode_untiled(x))
-        module.train(was_training)
+        with evaluating(modules["model"]) as module:
+            x = self.preview.to(next(module.parameters()).device)
+            recon = module.movq.decode_untiled(module.movq.encode_untiled(x))
         return image_grid([tensor_to_pil(x), tensor_to_pil(recon)])
 
     def export(self, modules, path):
