@@ -373,6 +373,25 @@ def test_control_from_the_command_line(tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_the_command_line_loads_the_controlnet_folder_it_is_given(tmp_path):
+    """``--controlnet FOLDER`` replaces the model's own ControlNet: the picture is the one the API makes with it."""
+    from kandinsky3 import Kandinsky3
+    from kandinsky3.cli import main
+
+    save_controlnet(tiny_controlnet(VARIANTS["tiny"].unet, seed=4), tmp_path / "cn")
+    _picture().save(tmp_path / "in.png")
+    argv = ["control", str(tmp_path / "in.png"), "a red circle", "--model", "tiny", "--steps", "2", "--seed", "0"]
+    argv += ["--no-progress"]
+    assert main(argv + ["--out", str(tmp_path / "own.png")]) == 0
+    assert main(argv + ["--controlnet", str(tmp_path / "cn"), "--out", str(tmp_path / "given.png")]) == 0
+    pipe = Kandinsky3.from_pretrained("tiny", device="cpu", controlnet=tmp_path / "cn")
+    [api] = pipe.control(_picture(), "a red circle", seed=0, steps=2, progress=False)
+    own, given = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("own", "given"))
+    assert np.array_equal(given, np.asarray(api)) and not np.array_equal(own, given)
+    assert main(argv + ["--controlnet", str(tmp_path / "missing"), "--out", str(tmp_path / "x.png")]) == 2
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_nano_controls_out_of_the_box(nano):
     """``from_pretrained("nano")`` finds the committed nano ControlNet on first use — or, while this release ships
     none (docs/controlnet.md), says so and how to make one."""

@@ -47,7 +47,7 @@ def test_full_size_discriminator_counts_on_meta(text_attention):
     }
 
 
-def _tiny_flash_config(out, **model) -> TrainConfig:
+def _tiny_flash_config(out, sample_every=1000, **model) -> TrainConfig:
     return TrainConfig.from_dict(
         {
             "recipe": "flash",
@@ -58,7 +58,7 @@ def _tiny_flash_config(out, **model) -> TrainConfig:
             "batch_size": 2,
             "warmup_steps": 1,
             "checkpoint_every": 2,
-            "sample_every": 1000,
+            "sample_every": sample_every,
             "log_every": 1,
             "seed": 0,
             "ema_decay": 0.9,
@@ -132,6 +132,13 @@ def test_short_run_checkpoints_resumes_and_exports_a_flash_model(tmp_path):
     assert all(0 <= v <= 1 for v in probe["probe"].values())
     split_log = (tmp_path / "split" / "log.jsonl").read_text()
     assert split_log == (tmp_path / "whole" / "log.jsonl").read_text()  # a resumed run logs what an unbroken one does
+    # sample grids and probes at every step (docs/flash.md's curves) leave the training itself unchanged
+    train(_tiny_flash_config(tmp_path / "probed", sample_every=1), progress=False)
+    c = load_file(tmp_path / "probed" / "export" / "unet.safetensors")
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    probed = [json.loads(line) for line in (tmp_path / "probed" / "log.jsonl").read_text().splitlines()]
+    assert [e for e in probed if "probe" not in e] == [e for e in log if "probe" not in e]
+    assert [e["step"] for e in probed if "probe" in e] == [1, 2, 3, 4]
     pipe = Kandinsky3.from_pretrained(str(tmp_path / "whole" / "export"), device="cpu")
     assert pipe.variant.sampler.kind == "flash" and pipe.variant.sampler.guidance == 0
     image = pipe.generate("a red circle", seed=0, progress=False)[0]

@@ -214,3 +214,19 @@ def test_cli_variation_writes_images(folders, tmp_path, monkeypatch):
     from kandinsky3 import read_metadata
 
     assert read_metadata(Image.open(tmp_path / "var-0.png"))["task"] == "variation"
+
+
+def test_cli_loads_the_adapter_and_encoder_it_is_given(folders, tmp_path):
+    """``--ip-adapter FOLDER --image-encoder FOLDER``: no monkeypatching, the folders are what the pipeline loads."""
+    from kandinsky3.cli import main
+
+    ref(0).save(tmp_path / "ref.png")
+    argv = ["variation", str(tmp_path / "ref.png"), "--model", "tiny", "--steps", "2", "--seed", "0", "--no-progress"]
+    argv += ["--ip-adapter", str(folders / "zeros"), "--image-encoder", str(folders / "clip")]
+    assert main(argv + ["--out", str(tmp_path / "cli.png")]) == 0
+    pipe = Kandinsky3.from_pretrained("tiny", device="cpu")
+    pipe.get_ip_adapter(folders / "zeros", image_encoder=str(folders / "clip"))
+    [image] = pipe.variation(ref(0), seed=0, steps=2, progress=False)
+    assert same(Image.open(tmp_path / "cli.png"), image)
+    assert main(argv[:-4] + ["--ip-adapter", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.png")]) == 2
+    assert not (tmp_path / "x.png").exists()

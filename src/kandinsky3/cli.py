@@ -115,6 +115,30 @@ def _add_model_args(p: argparse.ArgumentParser):
     )
 
 
+def _add_part_args(p: argparse.ArgumentParser, command: str):
+    """The add-on networks a command uses, when another than the model's own is wanted (a folder or a hub id)."""
+    g = p.add_argument_group("add-ons")
+    if command == "control":
+        g.add_argument(
+            "--controlnet",
+            default=None,
+            help="a ControlNet: name (nano-controlnet, hed), folder (native or released layout) or hub id "
+            "(default: the model's own, docs/controlnet.md)",
+        )
+    if command in ("generate", "variation", "mix"):
+        g.add_argument(
+            "--ip-adapter",
+            default=None,
+            help="an IP-Adapter: name, folder (native or released layout) or hub id (default: the model's own; "
+            "used by image prompts, docs/ip_adapter.md)",
+        )
+        g.add_argument(
+            "--image-encoder",
+            default=None,
+            help="the CLIP image encoder for --ip-adapter (default: the one the adapter names)",
+        )
+
+
 def _option_type(hint):
     """argparse ``type`` for a request field's annotation: the first of int / float / str it admits."""
     args = typing.get_args(hint) or (hint,)
@@ -197,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         _add_request_args(p, request_cls)
         _add_model_args(p)
+        _add_part_args(p, name)
         _add_output_args(p)
         if name == "generate":
             from .batch import add_batch_args  # argparse only: the batch machinery loads when --prompts is given
@@ -385,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _pipeline(args):
     from .pipeline import Kandinsky3
 
-    return Kandinsky3.from_pretrained(
+    pipe = Kandinsky3.from_pretrained(
         args.model,
         device=args.device,
         dtype=args.dtype,
@@ -395,7 +420,11 @@ def _pipeline(args):
         compile=args.compile,
         variant=args.variant,
         movq_tiling=args.movq_tiling,
+        controlnet=getattr(args, "controlnet", None),
     )
+    if getattr(args, "ip_adapter", None) or getattr(args, "image_encoder", None):
+        pipe.get_ip_adapter(args.ip_adapter, image_encoder=args.image_encoder)
+    return pipe
 
 
 # -- checks made before any model loads ---------------------------------------------------------------------------

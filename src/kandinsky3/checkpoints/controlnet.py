@@ -174,7 +174,7 @@ def resolve_controlnet(name_or_path: str | Path, local_files_only: bool = False)
                 raise CheckpointError(
                     f"the {text} ControlNet is not in this installation ({where}): this release ships no trained "
                     f"{text} yet; train one (docs/controlnet.md: kandinsky3 train controlnet) and pass its folder "
-                    "as controlnet=FOLDER"
+                    "as controlnet=FOLDER (--controlnet FOLDER on the command line)"
                 )
             return where
         text = where

@@ -120,7 +120,8 @@ def resolve_folder(name_or_path, local_files_only: bool = False, what: str = "IP
         if not folder.is_dir():
             raise CheckpointError(
                 f"the {text} weights are not in this installation ({folder}): this release ships no trained "
-                f"{text} yet; train one (docs/ip_adapter.md: kandinsky3 train clip / ip_adapter) and pass its folder"
+                f"{text} yet; train one (docs/ip_adapter.md: kandinsky3 train clip / ip_adapter) and pass its folder "
+                f"(--ip-adapter / --image-encoder FOLDER on the command line)"
             )
         return folder
     path = Path(text).expanduser()
