@@ -1,6 +1,6 @@
 """The picture in docs/controlnet.md: unseen scenes → their soft-edge hints → nano + ControlNet under several prompts.
 
-    python scripts/controlnet_grid.py --out docs/controlnet_grid.png
+    python scripts/controlnet_grid.py --out docs/controlnet_grid.png [--controlnet runs/nano-controlnet-3/export]
 
 Each row is one test-split scene: its render, the hint (soft edges, as ``control()`` extracts them), then the
 ControlNet's pictures for the caption without positions, for two recolourings, and the plain nano for the caption
@@ -26,10 +26,11 @@ def main():
     ap.add_argument("--out", default="docs/controlnet_grid.png")
     ap.add_argument("--scenes", type=int, nargs="+", default=[1, 3, 4, 7])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--controlnet", default=None, help="a ControlNet folder (default: nano's own)")
     args = ap.parse_args()
     import random
 
-    pipe = Kandinsky3.from_pretrained("nano", device="cpu")
+    pipe = Kandinsky3.from_pretrained("nano", device="cpu", controlnet=args.controlnet)
     cases = control_cases(max(args.scenes) + 1)
     rng = random.Random(1)
     rows = []
