@@ -36,11 +36,13 @@ EXAMPLES = {
   kandinsky3 control photo.png "a watercolour city" --scale 0.8 --out city.png     # keeps photo.png's edges
   kandinsky3 control photo.png "a large blue star" --end 0.6 --seed 1 --out star.png   # steer the first 60 % only
   kandinsky3 control sketch.png "a cat" --model base --init-image cat.png --strength 0.7
-  (nano's ControlNet loads with the model; base / flash use ai-forever/kandinsky3_controlnet_hed)""",
+  (the model's own ControlNet loads on first use — base / flash: ai-forever/kandinsky3_controlnet_hed; nano's
+   does not ship yet, docs/controlnet.md — or give one with --controlnet FOLDER)""",
     "variation": """examples:
   kandinsky3 variation photo.png --num-images 4 --seed 0 --out var.png    # var-0.png … var-3.png
   kandinsky3 variation photo.png --image-weight 0.7 --model base --width 1024 --height 1024
-  (the IP-Adapter loads on first use: nano's is in the package, base uses ai-forever/kandinsky3_ip_adapter)""",
+  (the IP-Adapter loads on first use — base: ai-forever/kandinsky3_ip_adapter; nano's does not ship yet,
+   docs/ip_adapter.md — or give one with --ip-adapter FOLDER)""",
     "mix": """examples:
   kandinsky3 mix photo.png small.png --weights 0.6 0.4 --seed 0 --out mix.png
   kandinsky3 mix photo.png small.png --prompt "on a white background" --mix-rule mean""",

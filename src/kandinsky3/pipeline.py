@@ -319,7 +319,7 @@ class Kandinsky3:
         """ControlNet (:class:`~kandinsky3.requests.Control`): a picture with the layout (soft edges) of ``image``
         (``hint_is_edges=True``: ``image`` is an edge map), steered with weight ``scale`` (a number or an (H, W)
         map) from ``start`` to ``end`` (fractions of the steps). ``init_image`` + ``strength``: image→image.
-        The ControlNet is the variant's own (nano's is in the package), loaded on first use."""
+        The ControlNet is the variant's own (``Variant.controlnet``), loaded on first use."""
         request = _request(
             Control,
             settings,

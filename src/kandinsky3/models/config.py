@@ -134,6 +134,13 @@ class FrozenConfig:
         return asdict(self)
 
     @classmethod
+    def with_overrides(cls, config=None, overrides: Mapping | None = None):
+        """``config`` (default: the defaults) with the fields in ``overrides`` replaced — what a model's
+        ``Model(config, **overrides)`` builds from."""
+        config = config or cls()
+        return dataclasses.replace(config, **overrides) if overrides else config
+
+    @classmethod
     def from_dict(cls, data: Mapping, where: str = ""):
         """Build from a dict (a JSON model config, a YAML section); a key that is not a field is an error naming
         it and the nearest field, so a misspelt option never falls back silently to its default."""

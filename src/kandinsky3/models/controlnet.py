@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .config import FrozenConfig
-from .unet import AttentionPolling, DownSampleBlock, SinusoidalPosEmb, UNet, UNetConfig
+from .unet import TimeConditioned, UNet, UNetConfig, down_block
 
 #: the hint encoder's channel plan as released: (out channels, stride) of conv1..conv7, then ``out`` → init channels
 HINT_CONVS = ((16, 1), (16, 1), (32, 2), (32, 1), (96, 2), (96, 1), (256, 2))
@@ -72,7 +72,7 @@ class HintEncoder(nn.Module):
         return self.out(x)
 
 
-class ControlNet(nn.Module):
+class ControlNet(TimeConditioned, nn.Module):
     """``forward(x, time, hint, context, context_mask, context_lengths) → [residual per skip]``.
 
     x (B, C, h, w) the noisy latent; hint (B, hint_channels, 8h, 8w) the control image (the nano ControlNet was
@@ -81,37 +81,15 @@ class ControlNet(nn.Module):
 
     def __init__(self, config: ControlNetConfig | None = None, **overrides):
         super().__init__()
-        config = config or ControlNetConfig()
-        if overrides:
-            config = ControlNetConfig(**{**config.to_dict(), **overrides})
-        self.config = config
+        self.config = config = ControlNetConfig.with_overrides(config, overrides)
         u = config.unet
         init_channels = u.resolved_init_channels
-        te = u.resolved_time_embed_dim
         self.input_hint_block = HintEncoder(config.hint_channels, init_channels)
-        self.to_time_embed = nn.Sequential(
-            SinusoidalPosEmb(init_channels), nn.Linear(init_channels, te), nn.SiLU(), nn.Linear(te, te)
-        )
-        self.feature_pooling = AttentionPolling(te, u.context_dim, u.head_dim) if u.context_dim else None
+        self.init_time_layers(u)
         self.in_layer = nn.Conv2d(u.num_channels, init_channels, 3, padding=1)
         hidden_dims = [init_channels] + [u.model_channels * m for m in u.dim_mult]
         levels = len(u.dim_mult) - 1  # every down level but the deepest: one per skip connection
-        self.down_samples = nn.ModuleList(
-            DownSampleBlock(
-                hidden_dims[i],
-                hidden_dims[i + 1],
-                te,
-                u.context_dim if u.add_cross_attention[i] else None,
-                u.num_blocks[i],
-                groups=u.groups,
-                head_dim=u.head_dim,
-                expansion_ratio=u.expansion_ratio,
-                compression_ratio=u.compression_ratio,
-                down_sample=True,
-                self_attention=u.add_self_attention[i],
-            )
-            for i in range(levels)
-        )
+        self.down_samples = nn.ModuleList(down_block(u, i) for i in range(levels))
         self.convs = nn.ModuleList(nn.Conv2d(hidden_dims[i + 1], hidden_dims[i + 1], 1) for i in range(levels))
         self.zero_output_convs()
         self.hint_method = "soft"  # the edge extractor its hints come from (the loader sets it from the file)
@@ -149,13 +127,6 @@ class ControlNet(nn.Module):
             raise ValueError(
                 f"this ControlNet belongs to another U-Net size ({details}); load the ControlNet made for this model"
             )
-
-    def time_embedding(self, time, context=None, context_mask=None, context_lengths=None):
-        sinusoid = self.to_time_embed[0](time.float()).to(self.to_time_embed[1].weight.dtype)
-        time_embed = self.to_time_embed[1:](sinusoid)
-        if context is not None and self.feature_pooling is not None:
-            time_embed = self.feature_pooling(time_embed, context, context_mask, context_lengths)
-        return time_embed
 
     def forward(self, x, time, hint, context=None, context_mask=None, context_lengths=None) -> list[torch.Tensor]:
         factor = self.config.hint_downsample

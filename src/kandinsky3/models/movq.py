@@ -229,10 +229,7 @@ class MoVQ(nn.Module):
 
     def __init__(self, config: MoVQConfig | None = None, **overrides):
         super().__init__()
-        config = config or MoVQConfig()
-        if overrides:
-            config = MoVQConfig(**{**config.to_dict(), **overrides})
-        self.config = config
+        self.config = config = MoVQConfig.with_overrides(config, overrides)
         self.encoder = Encoder(config)
         self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)

@@ -121,10 +121,7 @@ class SuperResUNet(nn.Module):
 
     def __init__(self, config: SuperResUNetConfig | None = None, **overrides):
         super().__init__()
-        config = config or SuperResUNetConfig()
-        if overrides:
-            config = SuperResUNetConfig(**{**config.to_dict(), **overrides})
-        self.config = c = config
+        self.config = c = SuperResUNetConfig.with_overrides(config, overrides)
         te = c.time_embed_dim
         self.to_time_embed = nn.Sequential(
             SinusoidalPosEmb(c.init_channels), nn.Linear(c.init_channels, te), nn.SiLU(), nn.Linear(te, te)

@@ -356,7 +356,46 @@ class UpSampleBlock(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 
 
-class UNet(nn.Module):
+class TimeConditioned:
+    """The time embedding of the U-Net and of its ControlNet copy (same parameter names, ``to_time_embed`` and
+    ``feature_pooling``): a sinusoid and an MLP, pooled with the text tokens when there are any."""
+
+    def init_time_layers(self, config: UNetConfig):
+        init_channels, te = config.resolved_init_channels, config.resolved_time_embed_dim
+        self.to_time_embed = nn.Sequential(
+            SinusoidalPosEmb(init_channels), nn.Linear(init_channels, te), nn.SiLU(), nn.Linear(te, te)
+        )
+        self.feature_pooling = AttentionPolling(te, config.context_dim, config.head_dim) if config.context_dim else None
+
+    def time_embedding(self, time, context=None, context_mask=None, context_lengths=None):
+        # the sinusoid is computed in fp32 (t up to 999 does not survive bf16), the MLP in the weights' dtype
+        sinusoid = self.to_time_embed[0](time.float()).to(self.to_time_embed[1].weight.dtype)
+        time_embed = self.to_time_embed[1:](sinusoid)
+        if context is not None and self.feature_pooling is not None:
+            time_embed = self.feature_pooling(time_embed, context, context_mask, context_lengths)
+        return time_embed
+
+
+def down_block(config: UNetConfig, level: int) -> DownSampleBlock:
+    """Down level ``level`` of the U-Net (every level but the deepest halves the resolution); the ControlNet copies
+    all but the deepest."""
+    hidden_dims = [config.resolved_init_channels] + [config.model_channels * m for m in config.dim_mult]
+    return DownSampleBlock(
+        hidden_dims[level],
+        hidden_dims[level + 1],
+        config.resolved_time_embed_dim,
+        config.context_dim if config.add_cross_attention[level] else None,
+        config.num_blocks[level],
+        groups=config.groups,
+        head_dim=config.head_dim,
+        expansion_ratio=config.expansion_ratio,
+        compression_ratio=config.compression_ratio,
+        down_sample=level != len(config.dim_mult) - 1,
+        self_attention=config.add_self_attention[level],
+    )
+
+
+class UNet(TimeConditioned, nn.Module):
     """Kandinsky 3 U-Net predicting ε.
 
     ``forward(x, time, context, context_mask, control_residuals)``:
@@ -371,16 +410,10 @@ class UNet(nn.Module):
 
     def __init__(self, config: UNetConfig | None = None, **overrides):
         super().__init__()
-        config = config or UNetConfig()
-        if overrides:
-            config = UNetConfig(**{**config.to_dict(), **overrides})
-        self.config = config
+        self.config = config = UNetConfig.with_overrides(config, overrides)
         init_channels = config.resolved_init_channels
         te = config.resolved_time_embed_dim
-        self.to_time_embed = nn.Sequential(
-            SinusoidalPosEmb(init_channels), nn.Linear(init_channels, te), nn.SiLU(), nn.Linear(te, te)
-        )
-        self.feature_pooling = AttentionPolling(te, config.context_dim, config.head_dim) if config.context_dim else None
+        self.init_time_layers(config)
         self.in_layer = nn.Conv2d(config.num_channels, init_channels, 3, padding=1)
 
         hidden_dims = [init_channels] + [config.model_channels * m for m in config.dim_mult]
@@ -393,16 +426,8 @@ class UNet(nn.Module):
             expansion_ratio=config.expansion_ratio,
             compression_ratio=config.compression_ratio,
         )
-        self.down_samples = nn.ModuleList()
-        cat_dims = []
-        for level, ((a, b), n, text_dim, self_attn) in enumerate(
-            zip(in_out, config.num_blocks, text_dims, config.add_self_attention)
-        ):
-            last = level == levels - 1
-            cat_dims.append(0 if last else b)
-            self.down_samples.append(
-                DownSampleBlock(a, b, te, text_dim, n, down_sample=not last, self_attention=self_attn, **common)
-            )
+        self.down_samples = nn.ModuleList(down_block(config, level) for level in range(levels))
+        cat_dims = [b for _, b in in_out[:-1]] + [0]  # the skip each down level leaves (the deepest: none)
         self.up_samples = nn.ModuleList()
         for level, ((b, a), n, text_dim, self_attn) in enumerate(
             zip(reversed(in_out), reversed(config.num_blocks), reversed(text_dims), reversed(config.add_self_attention))
@@ -422,14 +447,6 @@ class UNet(nn.Module):
     @property
     def in_channels(self) -> int:
         return self.in_layer.in_channels
-
-    def time_embedding(self, time, context=None, context_mask=None, context_lengths=None):
-        # the sinusoid is computed in fp32 (t up to 999 does not survive bf16), the MLP in the weights' dtype
-        sinusoid = self.to_time_embed[0](time.float()).to(self.to_time_embed[1].weight.dtype)
-        time_embed = self.to_time_embed[1:](sinusoid)
-        if context is not None and self.feature_pooling is not None:
-            time_embed = self.feature_pooling(time_embed, context, context_mask, context_lengths)
-        return time_embed
 
     def forward(
         self,

@@ -96,15 +96,15 @@ def _largest_region(mask: np.ndarray) -> np.ndarray | None:
     return labels == (1 + int(np.argmax(sizes)))
 
 
-def judge(image: Image.Image, caption: str | ParsedCaption) -> Verdict:
-    parsed = parse_caption(caption) if isinstance(caption, str) else caption
+def _colour_regions(image: Image.Image) -> tuple[str, dict[str, np.ndarray]]:
+    """The background colour (the border's commonest palette colour) and, for every other palette colour that
+    covers at least the minimum area, its largest connected region — what both the judge and the detector read."""
     arr = np.asarray(image.convert("RGB"), dtype=np.float32)
     side = arr.shape[0]
     labels, dist = _labels(arr)
     border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
     background = _NAMES[np.bincount(border, minlength=len(_NAMES)).argmax()]
     min_area = MIN_AREA_FRACTION * np.pi * (SIZES["small"] * side) ** 2 * 0.5
-
     regions: dict[str, np.ndarray] = {}
     for i, name in enumerate(_NAMES):
         if name == background or name not in COLORS:
@@ -112,6 +112,12 @@ def judge(image: Image.Image, caption: str | ParsedCaption) -> Verdict:
         region = _largest_region((labels == i) & (dist < MAX_COLOR_DISTANCE))
         if region is not None and region.sum() >= min_area:
             regions[name] = region
+    return background, regions
+
+
+def judge(image: Image.Image, caption: str | ParsedCaption) -> Verdict:
+    parsed = parse_caption(caption) if isinstance(caption, str) else caption
+    background, regions = _colour_regions(image)
 
     verdicts = []
     for stated in parsed.objects:
@@ -168,19 +174,8 @@ class Detection:
 def detect(image: Image.Image) -> list[Detection]:
     """The judge as an object detector: every palette colour other than the background's that covers at least
     the judge's minimum area is one object (its largest connected region), read as the best-matching shape."""
-    arr = np.asarray(image.convert("RGB"), dtype=np.float32)
-    side = arr.shape[0]
-    labels, dist = _labels(arr)
-    border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
-    background = _NAMES[np.bincount(border, minlength=len(_NAMES)).argmax()]
-    min_area = MIN_AREA_FRACTION * np.pi * (SIZES["small"] * side) ** 2 * 0.5
     found = []
-    for i, name in enumerate(_NAMES):
-        if name == background or name not in COLORS:
-            continue
-        region = _largest_region((labels == i) & (dist < MAX_COLOR_DISTANCE))
-        if region is None or region.sum() < min_area:
-            continue
+    for name, region in _colour_regions(image)[1].items():
         ys, xs = np.nonzero(region)
         shape, size, iou = _match_shape(region, _position(region))
         box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)

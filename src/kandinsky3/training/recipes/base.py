@@ -18,7 +18,9 @@ A recipe declares:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -43,6 +45,17 @@ def load_frozen(name_or_path, device) -> Components:
     for module in (components.unet, components.movq, components.text_encoder):
         module.eval().requires_grad_(False)
     return components
+
+
+def encoded_cache(output_dir, prefix: str, movq: torch.nn.Module, images: torch.Tensor) -> Path:
+    """Where a recipe keeps what it encoded from an in-memory dataset (latents, hints), keyed by the MoVQ encoder's
+    weights and the images, so a resumed run reuses it and a changed encoder or dataset never does."""
+    key = hashlib.sha256()
+    for name, value in movq.state_dict().items():
+        if name.startswith(("encoder.", "quant_conv.")):
+            key.update(name.encode() + value.float().cpu().numpy().tobytes())
+    key.update(images.contiguous().numpy())
+    return Path(output_dir) / f"{prefix}-{key.hexdigest()[:16]}.safetensors"
 
 
 @contextlib.contextmanager

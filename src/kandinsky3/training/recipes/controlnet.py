@@ -15,7 +15,6 @@ once at the start and kept (with the run, keyed by the images); otherwise per ba
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from ...edges import soft_edges
 from ...models.config import ConfigError
 from ...models.controlnet import ControlNet
 from ...models.seeding import drawing_from
-from .base import Recipe, evaluating, image_grid, load_frozen
+from .base import Recipe, encoded_cache, evaluating, image_grid, load_frozen
 
 
 @dataclass
@@ -113,12 +112,7 @@ class ControlNetRecipe(Recipe):
         if tensors is None or "image" not in tensors:
             return
         images = tensors.pop("image")
-        key = hashlib.sha256()
-        for name, value in self.movq.state_dict().items():
-            if name.startswith(("encoder.", "quant_conv.")):
-                key.update(name.encode() + value.float().cpu().numpy().tobytes())
-        key.update(images.contiguous().numpy())
-        cache = Path(self.cfg.output_dir) / f"controlnet-cache-{key.hexdigest()[:16]}.safetensors"
+        cache = encoded_cache(self.cfg.output_dir, "controlnet-cache", self.movq, images)
         if cache.is_file():
             tensors.update(load_file(cache))
             return

@@ -6,7 +6,6 @@ keep FLAN-UL2 frozen; the nano family trains its tiny T5 too). The MoVQ is froze
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from ...models.text import TextEncoder, build_word_tokenizer, make_projection, n
 from ...models.unet import UNet, UNetConfig
 from ...registry import SamplerDefaults, Variant
 from ..growth import grow_into
-from .base import Recipe, evaluating, image_grid
+from .base import Recipe, encoded_cache, evaluating, image_grid
 from .movq import load_movq_export
 
 SAMPLE_PROMPTS = [
@@ -202,12 +201,7 @@ class DiffusionRecipe(Recipe):
         # batch of 512, a quarter of the nano U-Net's training step on a GPU)
         tensors["ids"], tensors["mask"] = self.trainable.text.tokenize(self.dataset.captions)
         images = tensors.pop("image")
-        key = hashlib.sha256()
-        for name, value in self.movq.state_dict().items():
-            if name.startswith(("encoder.", "quant_conv.")):
-                key.update(name.encode() + value.float().cpu().numpy().tobytes())
-        key.update(images.contiguous().numpy())
-        cache = Path(self.cfg.output_dir) / f"latents-{key.hexdigest()[:16]}.safetensors"
+        cache = encoded_cache(self.cfg.output_dir, "latents", self.movq, images)
         if cache.is_file():
             tensors["latents"] = load_file(cache)["latents"]
             return
