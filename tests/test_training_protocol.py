@@ -175,7 +175,7 @@ def _available_on_a_fresh_clone(value: str) -> bool:
 def test_every_config_parses_strictly_and_says_in_its_first_line_what_it_needs(path):
     cfg = TrainConfig.from_yaml(path)
     assert cfg.recipe in RECIPES
-    needed = [getattr(cfg.model, key, None) for key in ("movq", "init", "teacher")] + [cfg.data.path]
+    needed = [getattr(cfg.model, key, None) for key in ("movq", "init", "teacher", "image_encoder")] + [cfg.data.path]
     missing = [v for v in needed if isinstance(v, str) and not _available_on_a_fresh_clone(v)]
     first = path.read_text().splitlines()[0]
     if missing:
