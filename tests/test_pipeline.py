@@ -46,10 +46,11 @@ def test_batch_of_different_prompts_matches_one_at_a_time(tiny):
         torch.cat([x, x]), 500
     )
     for i in range(2):
-        assert torch.allclose(batch[i], singles[i][0], atol=1e-5)
+        # float noise of batched GEMMs × guidance 3: ≈ 1e-5 on an EPYC (0.022 for the real difference below)
+        assert torch.allclose(batch[i], singles[i][0], atol=5e-5)
     # and without the per-sample length the short prompt would be pooled over the long crop: different ε
     plain = Denoiser(tiny.unet, Conditioning(ctx, mask, null, null_mask), 3.0)(torch.cat([x, x]), 500)
-    assert (plain[0] - singles[0][0]).abs().max() > 1e-4
+    assert (plain[0] - singles[0][0]).abs().max() > 1e-3
 
 
 def test_generate_batch_with_num_images_and_metadata(tiny, tmp_path):
