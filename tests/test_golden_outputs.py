@@ -1,5 +1,6 @@
-"""Regression golden for refactors: the exact pixels (and metadata) of a fixed set of (task, model, seed, options)
-cases, recorded at the commit that fixed the official numerics (#12), before the request → plan redesign (#13).
+"""Regression golden for refactors: the pixels (and metadata) of a fixed set of (task, model, seed, options) cases,
+first recorded as exact hashes at the commit that fixed the official numerics (#12), before the request → plan
+redesign (#13), which reproduced them; re-recorded in the form below on 2026-12-02 at unchanged code.
 
 A redesign that changes any of these changed behaviour. To re-record after an intended change, run
 ``K3_UPDATE_GOLDEN=1 python -m pytest tests/test_golden_outputs.py`` and say why in the commit message.

@@ -1,13 +1,13 @@
 """Golden training runs (issue #13, "no behaviour change"): 20 CPU steps of each recipe on a tiny config with a
 fixed seed must give the recorded loss curve and the recorded final (exported, EMA) weights.
 
-The values in tests/golden/training.json were recorded with the loop as it was before the training-step protocol
-(named losses, several optimizers) was introduced, and the test has not changed since: the refactored loop moves
-the same recipes through the same random stream, so the curves and weights were bit-identical on the machine that
-recorded them. Another CPU family orders float reductions differently (a Xeon's golden run and an EPYC's differ
-from the first loss at the 8th digit), so the comparison is to ``RTOL`` (10⁻⁴ relative): the loss of every step, and
-per exported tensor its sum and L2 norm. A changed recipe (another learning rate, loss, batch or random stream)
-moves them by orders of magnitude more.
+The first golden (SHA-256s) was recorded with the loop as it was before the training-step protocol (named losses,
+several optimizers) was introduced: the refactored loop moves the same recipes through the same random stream, and
+it reproduced the curves and weights bit for bit on that machine. The values now in tests/golden/training.json were
+re-recorded on 2026-12-02 at a commit with no source change since that check, because another CPU family orders
+float reductions differently (a Xeon's golden run and an EPYC's differ from the first loss at the 8th digit); the
+comparison is now to ``RTOL`` (10⁻⁴ relative): the loss of every step, and per exported tensor its sum and L2 norm.
+A changed recipe (another learning rate, loss, batch or random stream) moves them by orders of magnitude more.
 
 The runs use only what every version of the API has: ``TrainConfig.from_dict`` with the YAML keys, ``train``, the
 ``log.jsonl`` written every ``log_every`` steps (its ``loss`` is the running average the progress bar shows) and
