@@ -11,7 +11,8 @@ from kandinsky3.images import pil_to_tensor
 from kandinsky3.registry import VARIANTS
 from kandinsky3.training import TrainConfig, train
 from kandinsky3.training.recipes import make_recipe
-from kandinsky3.training.recipes.controlnet import hints_from_images, strip_positions
+from kandinsky3.training.protocol import RandomStreams, StepContext
+from kandinsky3.training.recipes.controlnet import hints_from_images, object_coverage, strip_positions
 from kandinsky3.world import world_sample
 
 
@@ -84,6 +85,56 @@ def test_short_run_resumes_exactly_and_exports_a_loadable_controlnet(tmp_path):
     b = load_controlnet(tmp_path / "split" / "export", VARIANTS["tiny"].unet)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert any(torch.count_nonzero(v) for k, v in a.state_dict().items() if k.startswith("convs."))  # it learnt
+
+
+def test_object_coverage_is_the_share_of_each_latent_pixel_off_the_background():
+    image = torch.full((2, 3, 32, 32), -0.2)  # gray
+    image[0, :, 8:16, 0:8] = torch.tensor([0.9, -0.9, -0.9])[:, None, None]  # a red square on latent pixel (1, 0)
+    image[0, :, 24:28, 24:32] = -0.15  # within the threshold of the background: not an object
+    image[1, :, 0:4, 0:8] = 0.5  # half of latent pixel (0, 0), on the border (the median is still the background)
+    coverage = object_coverage(image, 8)
+    expected = torch.zeros(2, 1, 4, 4)
+    expected[0, 0, 1, 0] = 1.0
+    expected[1, 0, 0, 0] = 0.5
+    assert torch.equal(coverage, expected)
+    # a world render: its objects cover some of it, the plain background the rest
+    render = pil_to_tensor(world_sample(0, "val").image)
+    share = object_coverage(render, 8).mean().item()
+    assert 0.02 < share < 0.6
+
+
+def test_object_weight_weights_the_loss_by_coverage_and_keeps_its_scale(tmp_path):
+    recipe = make_recipe(_config(tmp_path, object_weight=5.0), "cpu", RandomStreams(0))
+    objects = recipe.dataset.tensors["objects"]
+    assert objects.shape == (8, 1, 8, 8) and objects.max() > 0.5 and objects.min() == 0
+    batch = recipe.collate([recipe.dataset[i] for i in range(4)])
+    prepared = recipe.prepare(batch, StepContext(1, RandomStreams(0)))
+    weight = prepared["pixel_weight"]
+    assert torch.allclose(weight.mean(dim=(1, 2, 3)), torch.ones(4))
+    expected = 1 + 4 * batch["objects"]
+    assert torch.allclose(weight, expected / expected.mean(dim=(1, 2, 3), keepdim=True))
+    # the step's loss is the weighted ε-MSE: recomputed here from the same noise and t
+    modules = recipe.modules
+    loss = recipe.step(modules, prepared, StepContext(1, RandomStreams(0)))["loss"]
+    plain = recipe.step(
+        modules, {k: v for k, v in prepared.items() if k != "pixel_weight"}, StepContext(1, RandomStreams(0))
+    )
+    assert not torch.allclose(loss, plain["loss"])
+    g = StepContext(1, RandomStreams(0)).generator("cpu")
+    x0 = prepared["latents"]
+    t = torch.randint(*recipe.params.timestep_range, (4,), generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    x_t = recipe.schedule.q_sample(x0, t, noise)
+    text = dict(context=prepared["context"], context_mask=prepared["mask"], context_lengths=prepared["lengths"])
+    with torch.no_grad():
+        residuals = modules["controlnet"](x_t, t.float(), prepared["hint"], **text)
+        eps = recipe.unet(x_t, t.float(), control_residuals=residuals, **text)
+    reference = ((eps - noise).square() * weight).mean()
+    assert torch.allclose(loss.detach(), reference, rtol=1e-5)
+    # object_weight 1 (the default) is the plain loss and keeps no coverage
+    recipe = make_recipe(_config(tmp_path / "plain"), "cpu", RandomStreams(0))
+    assert "objects" not in recipe.dataset.tensors
+    assert "pixel_weight" not in recipe.prepare(batch, StepContext(1, RandomStreams(0)))
 
 
 def test_eval_cases_recolour_every_object_and_drop_positions():

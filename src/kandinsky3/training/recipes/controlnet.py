@@ -46,6 +46,7 @@ class ControlNetParams:
     timestep_range: tuple[int, int] = (0, 1000)  # t ~ U[lo, hi); the layout is decided at the noisy end
     zero_hint_out: bool = True  # released: the hint encoder's last conv starts at zero too (False: PyTorch's init)
     x0_weight_cap: float | None = None  # weight the ε-MSE by min(1/SNR, cap) (= x0-MSE, capped): the noisy end
+    object_weight: float = 1.0  # latent pixels covered by objects count this many times a background one
     export_dtype: str | None = None  # e.g. fp16
 
     def validate(self, cfg):
@@ -53,6 +54,8 @@ class ControlNetParams:
             value = getattr(self, name)
             if not 0 <= value <= 1:
                 raise ConfigError(f"model.{name} must be in [0, 1], got {value}")
+        if self.object_weight < 1:
+            raise ConfigError(f"model.object_weight must be ≥ 1 (1 = plain ε-MSE), got {self.object_weight}")
         lo, hi = self.timestep_range
         if not 0 <= lo < hi <= 1000:
             raise ConfigError(f"model.timestep_range must satisfy 0 ≤ lo < hi ≤ 1000, got {self.timestep_range}")
@@ -63,6 +66,17 @@ def hints_from_images(images: torch.Tensor) -> torch.Tensor:
     as :func:`~kandinsky3.edges.extract_edges` rounds them, (B, 1, H, W) uint8 (expanded to 3 channels later)."""
     edges = soft_edges(((images.float() + 1) / 2).clamp(0, 1))
     return (edges * 255).round().to(torch.uint8)
+
+
+def object_coverage(images: torch.Tensor, factor: int, threshold: float = 0.1) -> torch.Tensor:
+    """Share of each ``factor``×``factor`` patch (one latent pixel) that is not background, (B, 1, H/f, W/f) in
+    [0, 1], for images in [-1, 1] on a plain background (the shapes world): a pixel is background when every
+    channel is within ``threshold`` of the median of the image's border pixels."""
+    x = images.float()
+    border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], dim=-1)  # (B, 3, 4W)
+    background = border.median(dim=-1).values[..., None, None]
+    objects = ((x - background).abs().amax(dim=1, keepdim=True) > threshold).float()
+    return torch.nn.functional.avg_pool2d(objects, factor)
 
 
 def position_stripper(positions: dict[str, tuple[str, ...]]):
@@ -112,6 +126,8 @@ class ControlNetRecipe(Recipe):
         if tensors is None or "image" not in tensors:
             return
         images = tensors.pop("image")
+        if self.params.object_weight != 1:  # cheap (no encoder): recomputed rather than cached
+            tensors["objects"] = object_coverage(images, self.base_variant.movq.downsample_factor)
         cache = encoded_cache(self.cfg.output_dir, "controlnet-cache", self.movq, images)
         if cache.is_file():
             tensors.update(load_file(cache))
@@ -146,7 +162,15 @@ class ControlNetRecipe(Recipe):
             context = torch.where(drop[:, None, None], null.to(context.dtype), context)
             mask = torch.where(drop[:, None], null_mask.to(mask.device, mask.dtype), mask)
         hint = (hints.float() / 255).expand(-1, p.hint_channels, -1, -1).to(self.device)
-        return {"latents": latents, "hint": hint, "context": context.float(), "mask": mask, "lengths": lengths}
+        out = {"latents": latents, "hint": hint, "context": context.float(), "mask": mask, "lengths": lengths}
+        if p.object_weight != 1:
+            if "objects" in batch:
+                objects = batch["objects"]
+            else:
+                objects = object_coverage(batch["image"], batch["image"].shape[-1] // latents.shape[-1])
+            weight = 1 + (p.object_weight - 1) * objects.to(self.device)
+            out["pixel_weight"] = weight / weight.mean(dim=(1, 2, 3), keepdim=True)  # the loss keeps its scale
+        return out
 
     def step(self, modules, batch, ctx):
         g = ctx.generator(self.device)
@@ -159,7 +183,10 @@ class ControlNetRecipe(Recipe):
         text = dict(context=batch["context"], context_mask=batch["mask"], context_lengths=batch["lengths"])
         residuals = modules["controlnet"](x_t, t.float(), batch["hint"], **text)
         eps = self.unet(x_t, t.float(), control_residuals=residuals, **text)
-        loss = (eps.float() - noise).square().mean(dim=(1, 2, 3))
+        error = (eps.float() - noise).square()
+        if "pixel_weight" in batch:  # the objects' colours are what the caption binds; the background is easy
+            error = error * batch["pixel_weight"]
+        loss = error.mean(dim=(1, 2, 3))
         cap = self.params.x0_weight_cap
         if cap:  # x0-space error ∝ ε error / SNR: the steps that decide the layout count most
             abar = self.schedule.alphas_cumprod.to(t.device)[t]
@@ -220,4 +247,11 @@ def _initial_weights(init: str) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in sd.items()}
 
 
-__all__ = ["ControlNetParams", "ControlNetRecipe", "hints_from_images", "position_stripper", "strip_positions"]
+__all__ = [
+    "ControlNetParams",
+    "ControlNetRecipe",
+    "hints_from_images",
+    "object_coverage",
+    "position_stripper",
+    "strip_positions",
+]
