@@ -167,7 +167,7 @@ class ControlNetRecipe(Recipe):
             if "objects" in batch:
                 objects = batch["objects"]
             else:
-                objects = object_coverage(batch["image"], batch["image"].shape[-1] // latents.shape[-1])
+                objects = object_coverage(batch["image"], self.base_variant.movq.downsample_factor)
             weight = 1 + (p.object_weight - 1) * objects.to(self.device)
             out["pixel_weight"] = weight / weight.mean(dim=(1, 2, 3), keepdim=True)  # the loss keeps its scale
         return out
