@@ -150,3 +150,23 @@ def test_eval_cases_recolour_every_object_and_drop_positions():
         assert all(new.color != old.color for new, old in zip(case.look_objects, case.objects))
         assert len({o.color for o in case.look_objects}) == len(case.objects)
         assert [o.position for o in case.look_objects] == [o.position for o in case.objects]
+
+
+def test_eval_tally_splits_the_cells_measure_by_object_count():
+    from kandinsky3.eval.controlnet import Tally, control_table
+    from kandinsky3.vocabulary import Stated
+    from kandinsky3.world.judge import ObjectVerdict, Verdict
+
+    def verdict(cells):
+        stated = Stated("red", "circle", None, "top")
+        return Verdict([ObjectVerdict(stated, True, True, None, ok) for ok in cells], None)
+
+    tally = Tally()
+    for cells in ([True], [True], [True, False], [True, True], [True, True, False]):
+        tally.add(verdict(cells))
+    d = tally.to_dict()
+    assert d["positions"] == 3 / 5 and d["n"] == 5
+    assert d["positions_by_count"] == {"1": 1.0, "2": 0.5, "3": 0.0}
+    table = control_table({"layout": {"controlnet": tally}})
+    assert table.splitlines()[0].split()[-6:] == ["pos", "1", "pos", "2", "pos", "3"]
+    assert table.splitlines()[1].split()[-3:] == ["100.0%", "50.0%", "0.0%"]

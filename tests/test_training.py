@@ -425,3 +425,44 @@ def test_rendering_in_worker_processes_gives_the_same_dataset():
     parallel = make_dataset(DataConfig(length=40, num_workers=2))
     assert parallel.captions == serial.captions and len(set(serial.captions)) > 30
     assert torch.equal(parallel.tensors["image"], serial.tensors["image"])
+
+
+def test_world_data_object_counts_and_complete_captions():
+    """``data.object_counts`` cycles the scenes' object counts, ``data.complete_captions`` states every attribute;
+    the pictures are the world's own samples for those arguments (so a cache keyed by the images stays exact)."""
+    from kandinsky3.training.config import DataConfig
+    from kandinsky3.training.data import make_dataset
+    from kandinsky3.world import parse_caption, world_sample
+    from kandinsky3.world.dataset import to_tensor
+
+    data = make_dataset(DataConfig(length=10, object_counts=(1, 3, 2), complete_captions=True))
+    for i, caption in enumerate(data.captions):
+        expected = world_sample(i, "train", 64, num_objects=(1, 3, 2)[i % 3], complete_caption=True)
+        assert caption == expected.caption
+        assert torch.equal(data.tensors["image"][i], to_tensor(expected.image))
+        stated = parse_caption(caption)
+        assert len(stated.objects) == (1, 3, 2)[i % 3]
+        assert stated.background == expected.scene.background
+        assert sorted((o.color, o.shape, o.size, o.position) for o in stated.objects) == sorted(
+            (o.color, o.shape, o.size, o.position) for o in expected.scene.objects
+        )
+    default = make_dataset(DataConfig(length=40))  # the world's own draw and varied captions
+    assert {len(parse_caption(c).objects) for c in default.captions} == {1, 2, 3}
+    assert any(o.color is None or o.size is None for c in default.captions for o in parse_caption(c).objects)
+
+
+@pytest.mark.parametrize(
+    "recipe, data, message",
+    [
+        ("movq", {"object_counts": [0, 2]}, "data.object_counts must list object counts from 1 to 3"),
+        ("movq", {"object_counts": [4]}, "data.object_counts must list object counts from 1 to 3"),
+        ("movq", {"object_counts": []}, "data.object_counts must list object counts"),
+        ("movq", {"source": "folder", "path": "x", "complete_captions": True}, "options of data.source=world"),
+        ("movq", {"source": "folder", "path": "x", "object_counts": [2]}, "options of data.source=world"),
+        ("clip", {"complete_captions": True}, "the clip recipe builds its own world samples"),
+        ("ip_adapter", {"object_counts": [2]}, "the ip_adapter recipe builds its own world samples"),
+    ],
+)
+def test_bad_world_data_options_are_clear_errors(recipe, data, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.from_dict({"recipe": recipe, "data": data})

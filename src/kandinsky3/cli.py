@@ -307,7 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--held-out", type=int, default=None, help="captions with held-out colour+shape pairs (num/5)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None, help="default: the model's (1.0 for nano)")
-    p.add_argument("--no-baseline", action="store_true", help="skip the guidance-0 comparison")
+    p.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="skip the comparison run (alignment: guidance 0; controlnet: the plain model without the ControlNet)",
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     p.add_argument("--hed-weights", default=None, help="edges: also score HED with this ControlNetHED.pth")

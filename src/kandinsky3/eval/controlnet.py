@@ -77,23 +77,35 @@ def control_cases(num: int, split: str = "test", size: int = 64, seed: int = 0) 
 
 @dataclass
 class Tally:
-    """Per scene: every object found by its colour, every one in its cell, every stated attribute right."""
+    """Per scene: every object found by its colour, every one in its cell, every stated attribute right; and its
+    number of objects, so the cells measure splits by it (multi-object scenes are where binding fails,
+    docs/controlnet.md)."""
 
     colours: list = field(default_factory=list)
     positions: list = field(default_factory=list)
     aligned: list = field(default_factory=list)
+    object_counts: list = field(default_factory=list)
 
     def add(self, verdict: Verdict):
         self.colours.append(int(all(o.color for o in verdict.objects)))
         self.positions.append(int(all(o.position for o in verdict.objects)))
         self.aligned.append(int(verdict.aligned))
+        self.object_counts.append(len(verdict.objects))
 
     @staticmethod
     def rate(values) -> float:
         return sum(values) / len(values) if values else float("nan")
 
+    def positions_by_count(self) -> dict[int, float]:
+        """{number of objects: share of those scenes with every object in its cell}."""
+        counts = self.object_counts
+        return {n: self.rate([p for p, k in zip(self.positions, counts) if k == n]) for n in sorted(set(counts))}
+
     def to_dict(self) -> dict:
-        return {k: self.rate(getattr(self, k)) for k in ("colours", "positions", "aligned")} | {"n": len(self.colours)}
+        """The rates; ``positions_by_count`` keyed by the count as a string (as JSON keeps it)."""
+        rates = {k: self.rate(getattr(self, k)) for k in ("colours", "positions", "aligned")}
+        by_count = {str(n): rate for n, rate in self.positions_by_count().items()}
+        return rates | {"n": len(self.colours), "positions_by_count": by_count}
 
 
 def evaluate_control(
@@ -147,12 +159,18 @@ def evaluate_control(
 
 
 def control_table(results: dict[str, dict[str, Tally]]) -> str:
-    lines = [f"{'':<15}{'':<12}{'colours':>10}{'positions':>11}{'aligned':>10}{'n':>6}"]
+    """One line per measure and model; ``pos k`` = the positions column over the scenes of k objects."""
+    counts = sorted({n for tallies in results.values() for t in tallies.values() for n in t.object_counts})
+    head = "".join(f"{f'pos {n}':>8}" for n in counts)
+    lines = [f"{'':<15}{'':<12}{'colours':>10}{'positions':>11}{'aligned':>10}{'n':>6}{head}"]
     for row, tallies in results.items():
         for name, tally in tallies.items():
             d = tally.to_dict()
+            by_count = tally.positions_by_count()
+            split = "".join(f"{by_count.get(n, float('nan')):>8.1%}" for n in counts)
             lines.append(
                 f"{row:<15}{name:<12}{d['colours']:>10.1%}{d['positions']:>11.1%}{d['aligned']:>10.1%}{d['n']:>6}"
+                + split
             )
     return "\n".join(lines)
 

@@ -16,6 +16,7 @@ from typing import Any
 from ..models.config import ConfigError, build_dataclass, unknown_key
 
 DATA_SOURCES = ("world", "folder", "webdataset")
+MAX_WORLD_OBJECTS = 3  # the world's scenes (docs/nano.md), its captions' and judge's range
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
@@ -28,6 +29,8 @@ class DataConfig:
     split: str = "train"
     num_workers: int = 0
     cache: bool = True  # world: render once into memory
+    object_counts: tuple[int, ...] | None = None  # world: scene i has object_counts[i % len] objects (None: drawn)
+    complete_captions: bool = False  # world: every object's size, colour, position and the background stated
 
 
 @dataclass
@@ -167,6 +170,20 @@ class TrainConfig:
         need(d.size >= 8, f"data.size must be ≥ 8 pixels, got {d.size}")
         need(d.length >= 1, f"data.length must be ≥ 1, got {d.length}")
         need(d.num_workers >= 0, f"data.num_workers must be ≥ 0, got {d.num_workers}")
+        counts = d.object_counts
+        need(
+            counts is None or (len(counts) > 0 and all(1 <= n <= MAX_WORLD_OBJECTS for n in counts)),
+            f"data.object_counts must list object counts from 1 to {MAX_WORLD_OBJECTS}, got {counts}",
+        )
+        if counts is not None or d.complete_captions:
+            from .recipes import RECIPES
+
+            need(d.source == "world", "data.object_counts and data.complete_captions are options of data.source=world")
+            need(
+                RECIPES[self.recipe].plain_world_data,
+                f"the {self.recipe} recipe builds its own world samples and reads neither data.object_counts nor "
+                "data.complete_captions: remove them",
+            )
         check = getattr(self.model, "validate", None)
         if check is not None:
             check(self)

@@ -37,16 +37,34 @@ def world_sample(
 
 
 class ShapesDataset(torch.utils.data.Dataset):
-    """(image in [-1, 1] (3, S, S), caption) pairs; ``sizes`` > 1 also returns the same scene at other sizes."""
+    """(image in [-1, 1] (3, S, S), caption) pairs; ``extra_sizes`` also returns the same scene at other sizes.
 
-    def __init__(self, length: int, split: str = "train", size: int = 64, extra_sizes: tuple[int, ...] = ()):
+    ``object_counts``: scene ``i`` has ``object_counts[i % len(object_counts)]`` objects (None: the world's own
+    draw, 1, 1, 2, 2 or 3); ``complete_captions``: every caption states every attribute (the eval captions' form)
+    instead of the varied, partial ones."""
+
+    def __init__(
+        self,
+        length: int,
+        split: str = "train",
+        size: int = 64,
+        extra_sizes: tuple[int, ...] = (),
+        object_counts: tuple[int, ...] | None = None,
+        complete_captions: bool = False,
+    ):
+        if object_counts is not None and not (len(object_counts) and all(n >= 1 for n in object_counts)):
+            raise ValueError(f"object_counts must be a non-empty list of counts ≥ 1 (or None), got {object_counts}")
         self.length, self.split, self.size, self.extra_sizes = length, split, size, extra_sizes
+        self.object_counts = tuple(object_counts) if object_counts is not None else None
+        self.complete_captions = complete_captions
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> dict:
-        s = world_sample(index, self.split, self.size)
+        counts = self.object_counts
+        count = counts[index % len(counts)] if counts else None
+        s = world_sample(index, self.split, self.size, num_objects=count, complete_caption=self.complete_captions)
         item = {"image": to_tensor(s.image), "caption": s.caption}
         for extra in self.extra_sizes:
             item[f"image_{extra}"] = to_tensor(render(s.scene, extra).image)

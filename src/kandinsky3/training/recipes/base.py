@@ -88,6 +88,7 @@ class Recipe:
     losses: ClassVar[dict[str, str]] = {"loss": "main"}
     ema_modules: ClassVar[tuple[str, ...] | None] = None
     extra_sizes: tuple[int, ...] = ()
+    plain_world_data: ClassVar[bool] = True  # world data via make_dataset (reads data.object_counts, complete_captions)
 
     def __init__(self, cfg, device, rng: RandomStreams):
         """``cfg``: the run's ``TrainConfig`` (``cfg.model`` is an instance of ``Params``)."""
