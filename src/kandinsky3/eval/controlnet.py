@@ -166,8 +166,7 @@ def control_table(results: dict[str, dict[str, Tally]]) -> str:
     for row, tallies in results.items():
         for name, tally in tallies.items():
             d = tally.to_dict()
-            by_count = tally.positions_by_count()
-            split = "".join(f"{by_count.get(n, float('nan')):>8.1%}" for n in counts)
+            split = "".join(f"{d['positions_by_count'].get(str(n), float('nan')):>8.1%}" for n in counts)
             lines.append(
                 f"{row:<15}{name:<12}{d['colours']:>10.1%}{d['positions']:>11.1%}{d['aligned']:>10.1%}{d['n']:>6}"
                 + split

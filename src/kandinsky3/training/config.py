@@ -180,7 +180,7 @@ class TrainConfig:
 
             need(d.source == "world", "data.object_counts and data.complete_captions are options of data.source=world")
             need(
-                RECIPES[self.recipe].plain_world_data,
+                RECIPES[self.recipe].reads_plain_world_data(),
                 f"the {self.recipe} recipe builds its own world samples and reads neither data.object_counts nor "
                 "data.complete_captions: remove them",
             )

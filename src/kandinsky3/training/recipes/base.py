@@ -88,7 +88,6 @@ class Recipe:
     losses: ClassVar[dict[str, str]] = {"loss": "main"}
     ema_modules: ClassVar[tuple[str, ...] | None] = None
     extra_sizes: tuple[int, ...] = ()
-    plain_world_data: ClassVar[bool] = True  # world data via make_dataset (reads data.object_counts, complete_captions)
 
     def __init__(self, cfg, device, rng: RandomStreams):
         """``cfg``: the run's ``TrainConfig`` (``cfg.model`` is an instance of ``Params``)."""
@@ -99,6 +98,12 @@ class Recipe:
 
     def make_dataset(self) -> torch.utils.data.Dataset:
         return make_dataset(self.cfg.data, self.extra_sizes)
+
+    @classmethod
+    def reads_plain_world_data(cls) -> bool:
+        """Whether world data comes from ``data.make_dataset`` (which reads ``data.object_counts`` and
+        ``data.complete_captions``); a recipe with its own ``make_dataset`` builds its own samples."""
+        return cls.make_dataset is Recipe.make_dataset
 
     def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:
         """Default: one group, every parameter of every module that requires a gradient."""

@@ -138,8 +138,6 @@ class ClipRecipe(Recipe):
             self.trainable = ClipTrainable(CLIPModel(self.config), m.hard_negative_weight)
         self.modules = {"model": self.trainable}
 
-    plain_world_data = False  # builds its own world samples
-
     def make_dataset(self):
         d = self.cfg.data
         if d.source == "world":

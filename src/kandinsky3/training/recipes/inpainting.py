@@ -132,8 +132,6 @@ class InpaintingRecipe(DiffusionRecipe):
         self.variant = replace(self.variant, inpainting=True)
         self.mask_sampler = MaskSampler(m.masks)
 
-    plain_world_data = False  # builds its own world samples
-
     def make_dataset(self):
         d, m = self.cfg.data, self.cfg.model
         if d.source == "world":

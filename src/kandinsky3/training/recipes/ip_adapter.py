@@ -146,8 +146,6 @@ class IPAdapterRecipe(Recipe):
         self.zero_embedding = self.encoder.zero_embedding().to(device)
         self._cache()
 
-    plain_world_data = False  # builds its own world samples
-
     def make_dataset(self):
         d, p = self.cfg.data, self.params
         if d.source == "world":

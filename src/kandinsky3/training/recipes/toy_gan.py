@@ -81,8 +81,6 @@ class ToyGANRecipe(Recipe):
         with drawing_from(rng.cpu):
             self.modules = {"generator": mlp(p.z_dim, p.hidden, 2), "discriminator": mlp(2, p.hidden, 1)}
 
-    plain_world_data = False  # builds its own world samples
-
     def make_dataset(self):
         p = self.params
         points = ring_points(p.num_points, p.modes, p.radius, p.spread, torch.Generator().manual_seed(self.cfg.seed))
