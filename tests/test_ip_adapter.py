@@ -88,6 +88,24 @@ def test_to_out_ip_is_zero_initialised():
         assert layer.to_key_ip.weight.any()
 
 
+@torch.no_grad()
+def test_init_from_the_text_path_copies_keys_and_values_and_keeps_the_output(tiny):
+    unet, x, t, context, mask = tiny
+    plain = unet(x, t, context, mask)
+    adapter = IPAdapter(IPAdapterConfig(image_embed_dim=16, unet=unet.config)).init_from_text_path(unet)
+    for name, layer in adapter.layers():
+        attention = unet.get_submodule(name)
+        assert torch.equal(layer.to_key_ip.weight, attention.to_key.weight)
+        assert torch.equal(layer.to_v_ip.weight, attention.to_value.weight)
+        assert not layer.to_key_ip.bias.any() and not layer.to_v_ip.bias.any()
+        assert layer.to_key_ip.weight.data_ptr() != attention.to_key.weight.data_ptr()  # a copy, not a share
+    adapter.attach(unet)
+    try:
+        assert torch.equal(unet(x, t, context, mask, image_tokens=tokens_for(adapter)), plain)  # to_out_ip still 0
+    finally:
+        IPAdapter.detach(unet)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     components = tiny_components()

@@ -78,6 +78,12 @@ def test_condition_dropout_and_the_frozen_parts(tmp_path, clip_folder):
     for frozen in (recipe.unet, recipe.text, recipe.movq, recipe.encoder):
         assert not any(p.requires_grad for p in frozen.parameters())
     assert recipe.trainable.adapter.config.image_embed_dim == 16
+    (name, layer), *_ = recipe.trainable.adapter.layers()
+    assert not torch.equal(layer.to_key_ip.weight, recipe.unet.get_submodule(name).to_key.weight)  # default: random
+    recipe = make_recipe(config(tmp_path, clip_folder, init_from_text=True), "cpu", RandomStreams(0))
+    for name, layer in recipe.trainable.adapter.layers():
+        assert torch.equal(layer.to_key_ip.weight, recipe.unet.get_submodule(name).to_key.weight)
+        assert torch.equal(layer.to_v_ip.weight, recipe.unet.get_submodule(name).to_value.weight)
 
 
 def test_a_short_run_trains_the_adapter_and_exports_it(tmp_path, clip_folder):

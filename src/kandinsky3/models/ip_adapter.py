@@ -149,6 +149,19 @@ class IPAdapter(nn.Module):
             object.__setattr__(attention, "ip", layer)  # an instance attribute, not a registered submodule
         return self
 
+    @torch.no_grad()
+    def init_from_text_path(self, unet: UNet) -> "IPAdapter":
+        """Start every layer's image keys/values as copies of its text keys/values (bias 0), as the IP-Adapter paper
+        initialises them, so the projection only has to put image tokens where the frozen layer already reads text;
+        ``to_out_ip`` stays zero, so the U-Net's output is unchanged until it learns."""
+        self.check_fits(unet)
+        for name, layer in self.layers():
+            attention = unet.get_submodule(name)
+            for ip, text in ((layer.to_key_ip, attention.to_key), (layer.to_v_ip, attention.to_value)):
+                ip.weight.copy_(text.weight)
+                ip.bias.zero_()
+        return self
+
     @staticmethod
     def detach(unet: UNet):
         for module in unet.modules():

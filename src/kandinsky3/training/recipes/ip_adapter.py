@@ -56,6 +56,7 @@ class IPAdapterParams:
     reference: str = "same"  # same | new_background (world only)
     background_caption: float = 0.0  # world: fraction of image samples whose caption keeps only the background
     init: str | None = None  # an adapter folder to continue from
+    init_from_text: bool = False  # image keys/values start as copies of the text ones (the IP-Adapter paper's init)
     export_dtype: str | None = None
     probe_references: int = 24  # variation probe (judge) on this many val references at sample_every (0: none)
 
@@ -134,6 +135,8 @@ class IPAdapterRecipe(Recipe):
         config = IPAdapterConfig(self.encoder.embed_dim, p.num_tokens, self.unet.config)
         with drawing_from(rng.cpu):
             adapter = IPAdapter(config)
+        if p.init_from_text:
+            adapter.init_from_text_path(self.unet)
         if p.init:
             from ...checkpoints.ip_adapter import build_ip_adapter, read_ip_adapter, resolve_folder
 
