@@ -179,6 +179,41 @@ def test_training_batch_is_built_by_the_same_function(recipe, monkeypatch):
             assert p == batch["caption"][i]
 
 
+def test_known_region_weighting_reaches_the_loss(recipe, tmp_path):
+    """``model.known_region_gamma`` reaches the trainable and scales only the known region's error: with nothing
+    known the loss is the plain one, with the sampled masks it is larger (the same timesteps and noise); γ < 1 is
+    refused."""
+    from kandinsky3.models.config import ConfigError
+    from kandinsky3.training.recipes import make_recipe
+
+    def gen():
+        return torch.Generator().manual_seed(4)
+
+    class Ctx:
+        def generator(self, device):
+            return gen()
+
+    prepared = recipe.prepare(recipe.collate([recipe.dataset[i] for i in range(4)]), Ctx())
+    nothing_known = {**prepared, "extra_channels": prepared["extra_channels"].clone()}
+    nothing_known["extra_channels"][:, :1] = 0
+    trainable = recipe.trainable
+    assert trainable.known_region_gamma is None
+    with torch.no_grad():
+        plain, plain_unknown = trainable(prepared, gen()), trainable(nothing_known, gen())
+        try:
+            trainable.known_region_gamma = 20.0
+            assert torch.allclose(trainable(nothing_known, gen()), plain_unknown)
+            assert trainable(prepared, gen()) > 1.05 * plain
+        finally:
+            trainable.known_region_gamma = None
+    model = _cfg_dict(tmp_path)["model"]
+    assert (
+        make_recipe(_cfg(tmp_path, model={**model, "known_region_gamma": 20}), "cpu").trainable.known_region_gamma == 20
+    )
+    with pytest.raises(ConfigError, match="known_region_gamma must be ≥ 1"):
+        _cfg(tmp_path, model={**model, "known_region_gamma": 0.5})
+
+
 def test_world_regions_give_boxes_and_exact_region_captions():
     from kandinsky3.world.captions import parse_caption
 

@@ -233,6 +233,23 @@ def test_min_snr_weight():
     assert w[0] < 0.01 and w[999] == 1  # nearly clean steps count little, noisy ones fully
 
 
+def test_known_region_weight():
+    import torch
+
+    from kandinsky3.diffusion import NoiseSchedule
+    from kandinsky3.training.recipes.diffusion import known_region_weight
+
+    abar = NoiseSchedule.named("cosine").alphas_cumprod[[0, 500, 900, 999]]
+    keep = torch.zeros(4, 1, 2, 2)
+    keep[:, :, 0] = 1  # top row known, bottom row the hole
+    w = known_region_weight(keep, abar, 20.0)
+    assert w.shape == (4, 1, 2, 2) and (w[:, :, 1] == 1).all()  # the hole always counts once
+    boost = w[:, 0, 0, 0]
+    snr = abar / (1 - abar)
+    assert boost[0] == 1 and boost[-1] == 20  # nearly clean: 1; pure noise: γ
+    assert torch.allclose(boost, (1 / snr).clamp(1, 20))
+
+
 def test_config_extends_another(tmp_path):
     (tmp_path / "base.yaml").write_text(
         "recipe: diffusion\nsteps: 10\nmodel: {name: a, unet: {groups: 8}}\ndata: {length: 5}\n"

@@ -103,6 +103,7 @@ class DiffusionTrainable(nn.Module):
     def __init__(self, unet: UNet, text: TextEncoder, train_text_encoder: bool, min_snr_gamma: float | None = None):
         super().__init__()
         self.unet, self.text, self.min_snr_gamma = unet, text, min_snr_gamma
+        self.known_region_gamma: float | None = None  # the inpainting recipe's known-region weighting
         self.null_embedding = nn.Parameter(torch.randn(text.context_dim) * 0.02)
         self.text.encoder.requires_grad_(train_text_encoder)
         self.schedule = NoiseSchedule.named("cosine")
@@ -124,7 +125,12 @@ class DiffusionTrainable(nn.Module):
         x_t = self.schedule.q_sample(latents, t, noise)
         # extra_channels: the inpainting recipe's [keep-mask, masked-image latent] (None for text→image)
         eps = self.unet(x_t, t.float(), context, mask, None, lengths, extra_channels=batch.get("extra_channels"))
-        loss = (eps.float() - noise).square().mean(dim=(1, 2, 3))
+        error = (eps.float() - noise).square()
+        extra = batch.get("extra_channels")
+        if self.known_region_gamma and extra is not None:
+            abar = self.schedule.alphas_cumprod.to(t.device)[t]
+            error = error * known_region_weight(extra[:, :1].float(), abar, self.known_region_gamma)
+        loss = error.mean(dim=(1, 2, 3))
         if self.min_snr_gamma:
             loss = loss * min_snr_weight(self.schedule.alphas_cumprod.to(t.device)[t], self.min_snr_gamma)
         return loss.mean()
@@ -135,6 +141,16 @@ def min_snr_weight(abar: torch.Tensor, gamma: float) -> torch.Tensor:
     whose ε is easy and whose gradients otherwise dominate, count less; convergence is several times faster."""
     snr = abar / (1 - abar)
     return gamma / snr.clamp(min=gamma)  # = 1 where SNR ≤ γ (also at SNR = 0)
+
+
+def known_region_weight(keep: torch.Tensor, abar: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-pixel ε-MSE weight for inpainting (B, 1, h, w): the known region (``keep`` = 1) of a noisy step counts
+    min(max(1/SNR, 1), γ) times, the hole once. Where the noise drowns the picture the ε loss hardly depends on the
+    model's idea of x0 (an x0 error is scaled by √SNR in ε), yet the sampler reads x0 from those very steps, and
+    there the known region has to come from the masked-image channels; this is what they must learn."""
+    snr = abar / (1 - abar)
+    boost = (1 / snr.clamp(min=1e-8)).clamp(min=1.0, max=gamma)
+    return 1 + keep * (boost.view(-1, 1, 1, 1) - 1)
 
 
 def initial_weights(init: str) -> dict[str, torch.Tensor]:

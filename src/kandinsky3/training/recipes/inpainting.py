@@ -44,6 +44,7 @@ class InpaintingParams(DiffusionParams):
     region_manifest: str | None = None  # folder data: caption-regions JSONL (default DATA_PATH/regions.jsonl)
     shares: str | None = None  # freeze and reuse this model's T5, projection and MoVQ; export the U-Net only
     new_input_lr_scale: float = 1.0  # the in_layer's mask / masked-latent weights learn this many times faster
+    known_region_gamma: float | None = None  # weight the known region's ε-MSE by min(max(1/SNR, 1), γ)
 
     def validate(self, cfg):
         super().validate(cfg)
@@ -54,6 +55,8 @@ class InpaintingParams(DiffusionParams):
             raise ConfigError("model.grow is not supported by the inpainting recipe (grow the base model first)")
         if not self.new_input_lr_scale > 0:
             raise ConfigError(f"model.new_input_lr_scale must be > 0, got {self.new_input_lr_scale}")
+        if self.known_region_gamma is not None and not self.known_region_gamma >= 1:
+            raise ConfigError(f"model.known_region_gamma must be ≥ 1 (or unset), got {self.known_region_gamma}")
         if self.shares and self.train_text_encoder:
             raise ConfigError("model.shares reuses a frozen text encoder: set model.train_text_encoder: false")
 
@@ -129,6 +132,7 @@ class InpaintingRecipe(DiffusionRecipe):
         if m.new_input_lr_scale != 1.0:
             unet = self.trainable.unet
             unet.in_layer = ScaledInputConv(unet.in_layer, self.movq.config.embed_dim, m.new_input_lr_scale)
+        self.trainable.known_region_gamma = m.known_region_gamma
         self.variant = replace(self.variant, inpainting=True)
         self.mask_sampler = MaskSampler(m.masks)
 
