@@ -11,6 +11,7 @@ from kandinsky3.eval.inpainting import (
     LatentBlending,
     average_precision_50,
     detections_in_mask,
+    inpaint_cases,
     make_cases,
     psnr_outside,
     region_caption,
@@ -39,6 +40,8 @@ def test_cases_remove_one_object_by_its_box_and_ask_for_a_different_one(cases):
         assert c.mask[y0:y1, x0:x1].all() and c.mask.sum() <= (x1 - x0 + 2) * (y1 - y0 + 2)
     assert {c.size for c in cases} == {"small", "large"}
     assert [c.prompt for c in make_cases(5)] == [c.prompt for c in cases[:5]]  # deterministic
+    val = make_cases(5, split="val")  # what diagnostics tune on: other scenes
+    assert all(not np.array_equal(np.asarray(v.image), np.asarray(c.image)) for v, c in zip(val, cases))
 
 
 def test_region_caption_states_every_attribute():
@@ -135,6 +138,13 @@ def test_eval_runs_end_to_end_on_a_few_scenes(tiny_inpainting, tiny):
 
     cases = make_cases(3)
     report, same, other = evaluate_inpainting(tiny_inpainting, cases, steps=2, progress=False)
+    seen = []
+    outputs = inpaint_cases(
+        tiny_inpainting, cases, [c.prompt for c in cases], steps=2, progress=False, callback=lambda *a: seen.append(a)
+    )
+    assert [(step, x.shape[0]) for step, _, x in seen] == [(0, 3), (1, 3)]  # every step of the one batch
+    decoded = tiny_inpainting._decode(seen[-1][2], "truncate")  # the last step's x is the final latent
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(decoded, outputs))
     assert len(same) == len(other) == 3 and 0 <= report.ap50 <= 1 and report.psnr_outside > 0
     base, _, _ = evaluate_inpainting(blending_pipeline(tiny), cases, steps=2, progress=False)
     assert "latent blending" in base.model

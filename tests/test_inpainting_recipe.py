@@ -214,6 +214,49 @@ def test_known_region_weighting_reaches_the_loss(recipe, tmp_path):
         _cfg(tmp_path, model={**model, "known_region_gamma": 0.5})
 
 
+def test_known_region_drift_reaches_the_unet_and_the_target(recipe, tmp_path, monkeypatch):
+    """``model.known_region_drift`` reaches the trainable; with it the U-Net sees x_t moved in the known region only,
+    and the loss is taken against ε plus the same offset; a share outside [0, 1] is refused."""
+    from kandinsky3.models.config import ConfigError
+    from kandinsky3.training.recipes import diffusion, make_recipe
+
+    class Ctx:
+        def generator(self, device):
+            return torch.Generator().manual_seed(4)
+
+    prepared = recipe.prepare(recipe.collate([recipe.dataset[i] for i in range(4)]), Ctx())
+    trainable, seen = recipe.trainable, []
+    real_unet = trainable.unet.forward
+
+    def spy(x, *args, **kwargs):
+        seen.append(x.clone())
+        return real_unet(x, *args, **kwargs)
+
+    offsets = []
+    real_drift = diffusion.known_region_drift
+    monkeypatch.setattr(diffusion, "known_region_drift", lambda *a: offsets.append(real_drift(*a)) or offsets[-1])
+    monkeypatch.setattr(trainable.unet, "forward", spy)
+    assert trainable.known_region_drift == 0.0
+    with torch.no_grad():
+        plain = trainable(prepared, torch.Generator().manual_seed(4))
+        assert not offsets
+        try:
+            trainable.known_region_drift = 1.0
+            drifted = trainable(prepared, torch.Generator().manual_seed(4))
+        finally:
+            trainable.known_region_drift = 0.0
+    [o] = offsets
+    keep = prepared["extra_channels"][:, :1]
+    assert o.any() and not (o * (keep != 1)).any()
+    moved = seen[1] - seen[0]  # same timesteps and noise: the difference is the offset, √(1−ᾱ)-scaled
+    assert moved.abs().sum() > 0 and not moved[o == 0].any()
+    assert not torch.allclose(drifted, plain)
+    model = _cfg_dict(tmp_path)["model"]
+    assert make_recipe(_cfg(tmp_path, model={**model, "known_region_drift": 0.5}), "cpu").trainable.known_region_drift
+    with pytest.raises(ConfigError, match="known_region_drift is a share in"):
+        _cfg(tmp_path, model={**model, "known_region_drift": 1.5})
+
+
 def test_world_regions_give_boxes_and_exact_region_captions():
     from kandinsky3.world.captions import parse_caption
 
@@ -244,7 +287,12 @@ def test_short_run_exports_a_shared_unet_only_model_and_resumes_exactly(tmp_path
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     folder = tmp_path / "a" / "model"
     assert sorted(p.name for p in folder.iterdir()) == ["kandinsky3.json", "unet.safetensors"]
-    assert json.loads((folder / "kandinsky3.json").read_text())["shares"] == "nano"
+    exported = json.loads((folder / "kandinsky3.json").read_text())
+    assert exported["shares"] == "nano"
+    # it samples as the official inpainting pipeline (spec §4.2: x0 thresholded at the 0.95 quantile, not nano's 0.99)
+    official = VARIANTS["inpainting"].sampler.threshold_percentile
+    assert exported["sampler"]["threshold_percentile"] == 0.95 == official
+    assert VARIANTS["nano-inpainting"].sampler.threshold_percentile == official
     pipe = Kandinsky3.from_pretrained(folder)
     assert pipe.is_inpainting and pipe.unet.in_channels == 9
     mask = np.zeros((64, 64), np.float32)

@@ -250,6 +250,37 @@ def test_known_region_weight():
     assert torch.allclose(boost, (1 / snr).clamp(1, 20))
 
 
+def test_known_region_drift():
+    """The drift offsets only the known region of the chosen samples, is clipped in ε units, vanishes where the noise
+    drowns the picture, and keeps the x0 target: x0 from (x_t + √(1−ᾱ)·o, ε + o) is still the true latent."""
+    import torch
+
+    from kandinsky3.diffusion import NoiseSchedule
+    from kandinsky3.training.recipes.diffusion import DRIFT_CLIP, known_region_drift
+
+    schedule = NoiseSchedule.named("cosine")
+    t = torch.tensor([0, 100, 500, 999] * 4)
+    abar = schedule.alphas_cumprod[t]
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(16, 4, 8, 8, generator=g)
+    keep = torch.ones(16, 1, 8, 8)
+    keep[:, :, 2:6, 2:6] = 0  # the hole
+    none = known_region_drift(latents, keep, abar, 0.0, torch.Generator().manual_seed(1))
+    assert not none.any()
+    o = known_region_drift(latents, keep, abar, 1.0, torch.Generator().manual_seed(1))
+    assert o.shape == latents.shape and not o[:, :, 2:6, 2:6].any()  # the hole is never drifted
+    assert o.abs().max() <= DRIFT_CLIP and (o[t == 0].abs() == DRIFT_CLIP).any()  # nearly clean: clipped
+    assert o[t == 999].abs().max() < 1e-2 and o[t == 500].abs().mean() > 1e-2
+    some = known_region_drift(latents, keep, abar, 0.5, torch.Generator().manual_seed(1))
+    drifted = some.flatten(1).any(1)
+    assert 0 < drifted.sum() < 16
+    noise = torch.randn(latents.shape, generator=g)
+    x_t = schedule.q_sample(latents, t, noise) + (1 - abar).sqrt().view(-1, 1, 1, 1) * o
+    x0 = (x_t - (1 - abar).sqrt().view(-1, 1, 1, 1) * (noise + o)) / abar.sqrt().view(-1, 1, 1, 1)
+    sure = t < 999  # at ᾱ ≈ 0 dividing by √ᾱ magnifies float rounding
+    assert torch.allclose(x0[sure], latents[sure], atol=1e-4)
+
+
 def test_config_extends_another(tmp_path):
     (tmp_path / "base.yaml").write_text(
         "recipe: diffusion\nsteps: 10\nmodel: {name: a, unet: {groups: 8}}\ndata: {length: 5}\n"

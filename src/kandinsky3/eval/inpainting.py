@@ -62,15 +62,16 @@ def region_caption(obj) -> str:
     return f"{art} {size} {obj.color} {obj.shape} {POSITION_PHRASES[obj.position][0]}"
 
 
-def make_cases(num: int, size: int = 64) -> list[InpaintCase]:
-    """N held-out scenes, one object each (chosen by a seeded draw per scene), with both prompts."""
+def make_cases(num: int, size: int = 64, split: str = SPLIT) -> list[InpaintCase]:
+    """N held-out scenes, one object each (chosen by a seeded draw per scene), with both prompts; the eval reports
+    the ``test`` split, diagnostics that choose settings use ``val``."""
     from ..world.dataset import world_sample
     from ..world.render import render
     from ..world.scene import COLORS, SHAPES
 
     cases = []
     for i in range(num):
-        s = world_sample(i, SPLIT, size)
+        s = world_sample(i, split, size)
         rng = random.Random(10_007 + i)
         k = rng.randrange(len(s.scene.objects))
         obj = s.scene.objects[k]
@@ -159,9 +160,11 @@ def inpaint_cases(
     guidance=None,
     batch: int = 64,
     progress: bool = True,
+    callback=None,
 ) -> list[Image.Image]:
     """One output per case (``prompts[i]`` for ``cases[i]``), many scenes per sampler run: each scene's plan is
-    built by the inpaint task's own builder, and the plans' inputs are stacked into one batch."""
+    built by the inpaint task's own builder, and the plans' inputs are stacked into one batch. ``callback(step, t,
+    x)`` sees every sampler step of every batch (the last one's ``x`` is the batch's final latent)."""
     from tqdm.auto import tqdm
 
     blending = isinstance(pipe.unet, LatentBlending)
@@ -185,7 +188,7 @@ def inpaint_cases(
         if blending:
             with torch.no_grad():
                 pipe.unet.known = torch.cat([pipe.encode_image(c.image) for c in chunk])
-        out += pipe._execute(merged, None, None, False)
+        out += pipe._execute(merged, None, callback, False)
     return out
 
 

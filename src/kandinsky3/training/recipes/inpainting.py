@@ -25,6 +25,7 @@ from torch import nn
 from ...checkpoints.io import load_into
 from ...diffusion.inpainting import inpainting_channels
 from ...models.config import ConfigError
+from ...registry import INPAINTING_THRESHOLD_PERCENTILE
 from ..masks import MaskMixture, MaskSampler, as_numpy_generator
 from ..region_data import REGION_PROMPTS, CocoRegions, WorldRegions
 from .base import evaluating, image_grid
@@ -45,6 +46,7 @@ class InpaintingParams(DiffusionParams):
     shares: str | None = None  # freeze and reuse this model's T5, projection and MoVQ; export the U-Net only
     new_input_lr_scale: float = 1.0  # the in_layer's mask / masked-latent weights learn this many times faster
     known_region_gamma: float | None = None  # weight the known region's ε-MSE by min(max(1/SNR, 1), γ)
+    known_region_drift: float = 0.0  # share of samples whose x_t known region drifts off (diffusion.known_region_drift)
 
     def validate(self, cfg):
         super().validate(cfg)
@@ -57,6 +59,8 @@ class InpaintingParams(DiffusionParams):
             raise ConfigError(f"model.new_input_lr_scale must be > 0, got {self.new_input_lr_scale}")
         if self.known_region_gamma is not None and not self.known_region_gamma >= 1:
             raise ConfigError(f"model.known_region_gamma must be ≥ 1 (or unset), got {self.known_region_gamma}")
+        if not 0.0 <= self.known_region_drift <= 1.0:
+            raise ConfigError(f"model.known_region_drift is a share in [0, 1], got {self.known_region_drift}")
         if self.shares and self.train_text_encoder:
             raise ConfigError("model.shares reuses a frozen text encoder: set model.train_text_encoder: false")
 
@@ -133,7 +137,10 @@ class InpaintingRecipe(DiffusionRecipe):
             unet = self.trainable.unet
             unet.in_layer = ScaledInputConv(unet.in_layer, self.movq.config.embed_dim, m.new_input_lr_scale)
         self.trainable.known_region_gamma = m.known_region_gamma
-        self.variant = replace(self.variant, inpainting=True)
+        self.trainable.known_region_drift = m.known_region_drift
+        # an inpainting model samples as the official inpainting pipeline does (spec §4.2), whatever its init's defaults
+        sampler = replace(self.variant.sampler, threshold_percentile=INPAINTING_THRESHOLD_PERCENTILE)
+        self.variant = replace(self.variant, inpainting=True, sampler=sampler)
         self.mask_sampler = MaskSampler(m.masks)
 
     def make_dataset(self):
