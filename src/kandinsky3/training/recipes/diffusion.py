@@ -125,20 +125,18 @@ class DiffusionTrainable(nn.Module):
         noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype, generator=generator)
         x_t = self.schedule.q_sample(latents, t, noise)
         extra = batch.get("extra_channels")  # the inpainting recipe's [keep-mask, masked-image latent], else None
+        abar = self.schedule.alphas_cumprod.to(t.device)[t]
         if self.known_region_drift and extra is not None:
-            offset = known_region_drift(
-                latents, extra[:, :1], self.schedule.alphas_cumprod.to(t.device)[t], self.known_region_drift, generator
-            )
-            x_t = x_t + (1 - self.schedule.alphas_cumprod.to(t.device)[t]).sqrt().view(-1, 1, 1, 1) * offset
+            offset = known_region_drift(latents, extra[:, :1], abar, self.known_region_drift, generator)
+            x_t = x_t + (1 - abar).sqrt().view(-1, 1, 1, 1) * offset
             noise = noise + offset  # the ε that maps the drifted x_t back to the true x0
         eps = self.unet(x_t, t.float(), context, mask, None, lengths, extra_channels=extra)
         error = (eps.float() - noise).square()
         if self.known_region_gamma and extra is not None:
-            abar = self.schedule.alphas_cumprod.to(t.device)[t]
             error = error * known_region_weight(extra[:, :1].float(), abar, self.known_region_gamma)
         loss = error.mean(dim=(1, 2, 3))
         if self.min_snr_gamma:
-            loss = loss * min_snr_weight(self.schedule.alphas_cumprod.to(t.device)[t], self.min_snr_gamma)
+            loss = loss * min_snr_weight(abar, self.min_snr_gamma)
         return loss.mean()
 
 
