@@ -120,7 +120,7 @@ def _cheap(argv: list[str], tmp: Path) -> list[str]:
                 out += ["--num-images", "2"]
             continue
         out.append(a)
-    if args.command in ("generate", "edit", "upscale", "control", "variation", "mix"):
+    if args.command in ("generate", "edit", "inpaint", "outpaint", "upscale", "control", "variation", "mix"):
         out += ["--steps", "2", "--no-progress"]
     if args.command == "eval":
         out += {
@@ -179,6 +179,9 @@ def test_documented_command(where, argv, tmp_path, monkeypatch, shared_models, c
     monkeypatch.chdir(tmp_path)
     Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "photo.png")
     Image.new("RGB", (32, 32), (30, 30, 200)).save(tmp_path / "small.png")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 40, 40))  # a box to repaint, for the documented inpaint commands
+    mask.save(tmp_path / "mask.png")
     cheap = _cheap(argv, tmp_path)
     if argv[0] == "train":
         cheap[cheap.index("--config") + 1] = str(REPO / cheap[cheap.index("--config") + 1])

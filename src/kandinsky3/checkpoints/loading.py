@@ -53,7 +53,7 @@ def resolve(
             if not (variant.local_dir / "kandinsky3.json").is_file():
                 raise CheckpointError(
                     f"the {variant.name} weights are not in this installation ({variant.local_dir}): this release "
-                    "may not ship them yet (nano-inpainting: docs/inpainting.md says how to train it), or the "
+                    "may not ship them yet (the variant's docs page says how to train it), or the "
                     "install is incomplete (reinstall it; docs/nano.md rebuilds nano); or pass a model folder"
                 )
             return variant.local_dir, variant
