@@ -17,17 +17,16 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from kandinsky3 import Kandinsky3
+from kandinsky3.diffusion.inpainting import latent_keep_mask
 from kandinsky3.diffusion.schedule import dynamic_threshold
 from kandinsky3.eval import inpainting as ev
 
 
 def known_cells(cases, latent_size) -> torch.Tensor:
-    """(N, 1, h, w) keep-masks at latent size, the rule the inpainting channels use (nearest neighbours)."""
-    keep = torch.stack([torch.from_numpy(1.0 - c.mask)[None] for c in cases]).float()
-    return F.interpolate(keep, size=latent_size)
+    """(N, 1, h, w) keep-masks at latent size, by the inpainting channels' own rule."""
+    return latent_keep_mask(torch.stack([torch.from_numpy(c.mask)[None] for c in cases]), latent_size)
 
 
 def measure(model: str, cases, steps: int, percentile: float | None = None) -> dict:

@@ -29,10 +29,16 @@ def inpainting_channels(
     keep = 1.0 - repaint.float()
     masked = pixels * (keep == 1.0)
     masked_latent = encode(masked).float()
-    keep_latent = F.interpolate(keep, size=masked_latent.shape[-2:]).to(masked_latent.device)
+    keep_latent = latent_keep_mask(repaint, masked_latent.shape[-2:]).to(masked_latent.device)
     if keep_latent.shape[0] != masked_latent.shape[0]:
         keep_latent = keep_latent.expand(masked_latent.shape[0], -1, -1, -1)
     return torch.cat([keep_latent, masked_latent], dim=1)
 
 
-__all__ = ["REPAINT_THRESHOLD", "inpainting_channels"]
+def latent_keep_mask(repaint: torch.Tensor, latent_size) -> torch.Tensor:
+    """The keep-mask (1 = keep) of ``repaint`` (B, 1, H, W; 1 = repaint) at latent size, by nearest neighbours:
+    the latent cells the U-Net is told are known."""
+    return F.interpolate(1.0 - repaint.float(), size=latent_size)
+
+
+__all__ = ["REPAINT_THRESHOLD", "inpainting_channels", "latent_keep_mask"]
