@@ -1,6 +1,7 @@
 """The nano CLIP: foils, zero-shot retrieval scoring, the image encoder's preprocessing, the clip recipe's loss and
 export, and (when committed) the nano CLIP's retrieval on held-out renders."""
 
+import json
 import random
 
 import pytest
@@ -142,6 +143,10 @@ def test_clip_recipe_trains_and_exports_a_loadable_encoder(tmp_path):
     assert encoder.embed_dim == 16 and encoder.image_size == 64 and encoder.dtype == torch.float32  # fp16 file
     assert encoder.encode([world_sample(0).image]).shape == (1, 16)
     assert summary["step"] == 2
+    probes = [json.loads(line)["probe"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+              if "probe" in line]  # fmt: skip
+    assert probes and set(probes[-1]) >= {"retrieval_top1", "beats_background", "beats_shape", "beats_position"}
+    assert all(0 <= v <= 1 for v in probes[-1].values())
 
 
 @pytest.mark.skipif(not ADAPTER_DIRS["nano-clip"].is_dir(), reason="the nano CLIP is not committed yet")

@@ -12,7 +12,8 @@ from kandinsky3.registry import VARIANTS
 from kandinsky3.training import TrainConfig, train
 from kandinsky3.training.recipes import make_recipe
 from kandinsky3.training.protocol import RandomStreams, StepContext
-from kandinsky3.training.recipes.controlnet import hints_from_images, object_coverage, strip_positions
+from kandinsky3.training.object_weighting import object_coverage
+from kandinsky3.training.recipes.controlnet import hints_from_images, strip_positions
 from kandinsky3.world import world_sample
 
 

@@ -11,8 +11,8 @@ from kandinsky3.models.clip import nano_clip_config, nano_image_processor
 from kandinsky3.training.config import TrainConfig
 from kandinsky3.training.protocol import RandomStreams, StepContext
 from kandinsky3.training.recipes import make_recipe
-from kandinsky3.training.recipes.ip_adapter import new_background
-from kandinsky3.world import world_sample
+from kandinsky3.training.recipes.ip_adapter import WorldReferences, new_background
+from kandinsky3.world import parse_caption, world_sample
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +59,38 @@ def test_new_background_keeps_the_objects():
         other = new_background(scene, random.Random(i))
         assert other.objects == scene.objects and other.background != scene.background
         assert other.background not in {o.color for o in scene.objects}
+
+
+def test_world_references_read_object_counts_and_complete_captions():
+    data = WorldReferences(6, "train", 64, "new_background", object_counts=(1, 3), complete_captions=True)
+    for i, caption in enumerate(data.captions):
+        expected = world_sample(i, num_objects=(1, 3)[i % 2], complete_caption=True)
+        assert caption == expected.caption
+        assert len(parse_caption(caption).objects) == len(expected.scene.objects) == (1, 3)[i % 2]
+        assert all(o.color and o.size and o.position for o in parse_caption(caption).objects)
+    plain = WorldReferences(6, "train", 64, "same")
+    assert plain.captions == [world_sample(i).caption for i in range(6)]
+    assert torch.equal(plain.tensors["reference"], plain.tensors["image"])
+
+
+def test_object_weight_weights_the_loss_towards_the_pictures_objects(tmp_path, clip_folder):
+    recipe = make_recipe(config(tmp_path, clip_folder, object_weight=5.0, drop_image=0.0, drop_text=0.0, drop_both=0.0),
+                         "cpu", RandomStreams(0))  # fmt: skip
+    objects = recipe.dataset.tensors["objects"]
+    assert objects.shape == (16, 1, 8, 8) and objects.max() > 0.5 and objects.min() == 0
+    batch = recipe.collate([recipe.dataset[i] for i in range(4)])
+    prepared = recipe.prepare(batch, StepContext(1, RandomStreams(0)))
+    expected = 1 + 4 * batch["objects"]
+    assert torch.allclose(prepared["pixel_weight"], expected / expected.mean(dim=(1, 2, 3), keepdim=True))
+    # the weighted loss differs from the plain one on the same noise and t, and has its scale on a flat error
+    weighted = recipe.step(recipe.modules, prepared, StepContext(1, RandomStreams(0)))["loss"]
+    plain = {k: v for k, v in prepared.items() if k != "pixel_weight"}
+    plain = recipe.step(recipe.modules, plain, StepContext(1, RandomStreams(0)))["loss"]
+    assert torch.isfinite(weighted) and not torch.allclose(weighted, plain)
+    default = make_recipe(config(tmp_path / "plain", clip_folder), "cpu", RandomStreams(0))
+    assert "objects" not in default.dataset.tensors
+    with pytest.raises(ValueError, match="object_weight must be ≥ 1"):
+        config(tmp_path, clip_folder, object_weight=0.5)
 
 
 def test_condition_dropout_and_the_frozen_parts(tmp_path, clip_folder):

@@ -508,7 +508,7 @@ def test_world_data_object_counts_and_complete_captions():
         ("movq", {"source": "folder", "path": "x", "complete_captions": True}, "options of data.source=world"),
         ("movq", {"source": "folder", "path": "x", "object_counts": [2]}, "options of data.source=world"),
         ("clip", {"complete_captions": True}, "the clip recipe builds its own world samples"),
-        ("ip_adapter", {"object_counts": [2]}, "the ip_adapter recipe builds its own world samples"),
+        ("toy_gan", {"object_counts": [2]}, "the toy_gan recipe builds its own world samples"),
     ],
 )
 def test_bad_world_data_options_are_clear_errors(recipe, data, message):

@@ -179,7 +179,7 @@ class ClipRecipe(Recipe):
         images, texts = clip_embedders(clip, self.tokenizer, self.processor)
         report = retrieval_accuracy(images, texts, n, split="val", size=self.cfg.data.size)
         clip.train(was)
-        return {"retrieval_top1": report.top1}
+        return {"retrieval_top1": report.top1, **{f"beats_{k}": v for k, v in report.by_attribute.items()}}
 
     def export(self, modules, path):
         import copy

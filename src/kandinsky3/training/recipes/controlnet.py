@@ -29,6 +29,7 @@ from ...edges import soft_edges
 from ...models.config import ConfigError
 from ...models.controlnet import ControlNet
 from ...models.seeding import drawing_from
+from ..object_weighting import batch_pixel_weight, object_coverage
 from .base import Recipe, encoded_cache, evaluating, image_grid, load_frozen
 
 
@@ -66,17 +67,6 @@ def hints_from_images(images: torch.Tensor) -> torch.Tensor:
     as :func:`~kandinsky3.edges.extract_edges` rounds them, (B, 1, H, W) uint8 (expanded to 3 channels later)."""
     edges = soft_edges(((images.float() + 1) / 2).clamp(0, 1))
     return (edges * 255).round().to(torch.uint8)
-
-
-def object_coverage(images: torch.Tensor, factor: int, threshold: float = 0.1) -> torch.Tensor:
-    """Share of each ``factor``×``factor`` patch (one latent pixel) that is not background, (B, 1, H/f, W/f) in
-    [0, 1], for images in [-1, 1] on a plain background (the shapes world): a pixel is background when every
-    channel is within ``threshold`` of the median of the image's border pixels."""
-    x = images.float()
-    border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], dim=-1)  # (B, 3, 4W)
-    background = border.median(dim=-1).values[..., None, None]
-    objects = ((x - background).abs().amax(dim=1, keepdim=True) > threshold).float()
-    return torch.nn.functional.avg_pool2d(objects, factor)
 
 
 def position_stripper(positions: dict[str, tuple[str, ...]]):
@@ -164,12 +154,8 @@ class ControlNetRecipe(Recipe):
         hint = (hints.float() / 255).expand(-1, p.hint_channels, -1, -1).to(self.device)
         out = {"latents": latents, "hint": hint, "context": context.float(), "mask": mask, "lengths": lengths}
         if p.object_weight != 1:
-            if "objects" in batch:
-                objects = batch["objects"]
-            else:
-                objects = object_coverage(batch["image"], self.base_variant.movq.downsample_factor)
-            weight = 1 + (p.object_weight - 1) * objects.to(self.device)
-            out["pixel_weight"] = weight / weight.mean(dim=(1, 2, 3), keepdim=True)  # the loss keeps its scale
+            factor = self.base_variant.movq.downsample_factor
+            out["pixel_weight"] = batch_pixel_weight(batch, factor, p.object_weight, self.device)
         return out
 
     def step(self, modules, batch, ctx):
@@ -251,7 +237,6 @@ __all__ = [
     "ControlNetParams",
     "ControlNetRecipe",
     "hints_from_images",
-    "object_coverage",
     "position_stripper",
     "strip_positions",
 ]

@@ -35,6 +35,7 @@ from ...world import BACKGROUNDS, caption_scene, render
 from ...world.captions import BACKGROUND_TEMPLATES
 from ...world.dataset import SPLIT_SEEDS, to_tensor, world_sample
 from ...world.judge import judge
+from ..object_weighting import batch_pixel_weight, object_coverage
 from .base import Recipe, image_grid, load_frozen
 
 REFERENCES = ("same", "new_background")
@@ -57,6 +58,7 @@ class IPAdapterParams:
     background_caption: float = 0.0  # world: fraction of image samples whose caption keeps only the background
     init: str | None = None  # an adapter folder to continue from
     init_from_text: bool = False  # image keys/values start as copies of the text ones (the IP-Adapter paper's init)
+    object_weight: float = 1.0  # world: an object's latent pixels count this many times a background one
     export_dtype: str | None = None
     probe_references: int = 24  # variation probe (judge) on this many val references at sample_every (0: none)
 
@@ -68,6 +70,8 @@ class IPAdapterParams:
             raise ConfigError("model.drop_image + drop_text + drop_both must be ≤ 1")
         if self.reference not in REFERENCES:
             raise ConfigError(f"model.reference must be one of {REFERENCES}, got {self.reference!r}")
+        if self.object_weight < 1:
+            raise ConfigError(f"model.object_weight must be ≥ 1 (1 = plain ε-MSE), got {self.object_weight}")
         if self.text not in TEXT_MODES:
             raise ConfigError(f"model.text must be one of {TEXT_MODES}, got {self.text!r}")
         if cfg.data.source != "world" and (self.reference != "same" or self.background_caption):
@@ -89,12 +93,21 @@ class WorldReferences(torch.utils.data.Dataset):
     """World renders with their caption, a background-only caption and a reference render (itself, or the same
     objects on another background), materialised once."""
 
-    def __init__(self, length: int, split: str, size: int, reference: str):
+    def __init__(
+        self,
+        length: int,
+        split: str,
+        size: int,
+        reference: str,
+        object_counts: tuple[int, ...] | None = None,
+        complete_captions: bool = False,
+    ):
         from tqdm.auto import tqdm
 
         images, refs, self.captions, self.backgrounds = [], [], [], []
         for i in tqdm(range(length), desc="rendering", leave=False):
-            s = world_sample(i, split, size)
+            count = object_counts[i % len(object_counts)] if object_counts else None
+            s = world_sample(i, split, size, num_objects=count, complete_caption=complete_captions)
             rng = random.Random(SPLIT_SEEDS[split] * 17 + i)
             images.append(to_tensor(s.image))
             ref = s.image if reference == "same" else render(new_background(s.scene, rng), size).image
@@ -149,10 +162,14 @@ class IPAdapterRecipe(Recipe):
         self.zero_embedding = self.encoder.zero_embedding().to(device)
         self._cache()
 
+    @classmethod
+    def reads_plain_world_data(cls) -> bool:
+        return True  # WorldReferences reads data.object_counts and data.complete_captions like the plain world data
+
     def make_dataset(self):
         d, p = self.cfg.data, self.params
         if d.source == "world":
-            return WorldReferences(d.length, d.split, d.size, p.reference)
+            return WorldReferences(d.length, d.split, d.size, p.reference, d.object_counts, d.complete_captions)
         return super().make_dataset()
 
     @torch.no_grad()
@@ -163,6 +180,8 @@ class IPAdapterRecipe(Recipe):
             return
         images = tensors.pop("image")
         refs = tensors.pop("reference", images)
+        if self.params.object_weight != 1:
+            tensors["objects"] = object_coverage(images, self.base_variant.movq.downsample_factor)
         latents, embeds = [], []
         from tqdm.auto import tqdm
 
@@ -198,7 +217,7 @@ class IPAdapterRecipe(Recipe):
             with torch.no_grad():
                 latents = self.movq.encode(batch["image"].to(self.device)).float()
                 embeds = self._embed(batch["image"])
-        return {
+        out = {
             "ids": ids.to(self.device),
             "mask": mask.to(self.device),
             "latents": latents,
@@ -206,6 +225,10 @@ class IPAdapterRecipe(Recipe):
             "no_image": (drop_image | drop_both).to(self.device),
             "no_text": (drop_text | drop_both).to(self.device),
         }
+        if p.object_weight != 1:
+            factor = self.base_variant.movq.downsample_factor
+            out["pixel_weight"] = batch_pixel_weight(batch, factor, p.object_weight, self.device)
+        return out
 
     def step(self, modules, batch, ctx):
         adapter = modules["model"].adapter
@@ -229,7 +252,10 @@ class IPAdapterRecipe(Recipe):
         noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype, generator=g)
         x_t = self.schedule.q_sample(latents, t, noise)
         eps = self.unet(x_t, t.float(), context, mask, None, lengths, image_tokens=tokens, image_weight=1.0)
-        return {"loss": (eps.float() - noise).square().mean()}
+        error = (eps.float() - noise).square()
+        if "pixel_weight" in batch:  # the reference's objects are the signal; the background is the text's or chance
+            error = error * batch["pixel_weight"]
+        return {"loss": error.mean()}
 
     # -- sampling with the (EMA) adapter ---------------------------------------------------------------------------
 

@@ -1,0 +1,36 @@
+"""Loss weighting towards the objects of a shapes-world picture.
+
+Objects cover ≈ 8.5 % of a render's latent pixels, so a plain ε-MSE spends > 90 % of its weight on a flat
+background; recipes whose signal is the objects (what a ControlNet's caption binds, what an IP-Adapter's reference
+carries) can count an object's latent pixels ``object_weight`` times (``model.object_weight``)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def object_coverage(images: torch.Tensor, factor: int, threshold: float = 0.1) -> torch.Tensor:
+    """Share of each ``factor``×``factor`` patch (one latent pixel) that is not background, (B, 1, H/f, W/f) in
+    [0, 1], for images in [-1, 1] on a plain background (the shapes world): a pixel is background when every
+    channel is within ``threshold`` of the median of the image's border pixels."""
+    x = images.float()
+    border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], dim=-1)  # (B, 3, 4W)
+    background = border.median(dim=-1).values[..., None, None]
+    objects = ((x - background).abs().amax(dim=1, keepdim=True) > threshold).float()
+    return torch.nn.functional.avg_pool2d(objects, factor)
+
+
+def object_pixel_weight(coverage: torch.Tensor, object_weight: float) -> torch.Tensor:
+    """Per-latent-pixel loss weights: 1 on the background, ``object_weight`` on an object, normalised to mean 1 per
+    image so the loss keeps its scale."""
+    weight = 1 + (object_weight - 1) * coverage
+    return weight / weight.mean(dim=(1, 2, 3), keepdim=True)
+
+
+def batch_pixel_weight(batch: dict, factor: int, object_weight: float, device) -> torch.Tensor:
+    """:func:`object_pixel_weight` of a batch: from its cached ``objects`` coverage, or from its ``image``."""
+    objects = batch["objects"] if "objects" in batch else object_coverage(batch["image"], factor)
+    return object_pixel_weight(objects.to(device), object_weight)
+
+
+__all__ = ["batch_pixel_weight", "object_coverage", "object_pixel_weight"]
