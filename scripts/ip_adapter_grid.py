@@ -3,6 +3,8 @@
 three backgrounds named by the text). Held-out test renders; 4× nearest-neighbour upscaled for reading.
 
     python scripts/ip_adapter_grid.py --out docs/ip_adapter.png
+    python scripts/ip_adapter_grid.py --ip-adapter runs/nano-ip-adapter-v6/export \
+        --image-encoder runs/nano-clip-v5/export
 """
 
 from __future__ import annotations
@@ -30,8 +32,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="docs/ip_adapter.png")
     ap.add_argument("--model", default="nano")
+    ap.add_argument("--ip-adapter", help="an adapter folder instead of the model's own")
+    ap.add_argument("--image-encoder", help="the CLIP it reads images with, when not the one its file names")
     args = ap.parse_args()
     pipe = Kandinsky3.from_pretrained(args.model, device="cpu")
+    if args.ip_adapter or args.image_encoder:
+        pipe.get_ip_adapter(args.ip_adapter, image_encoder=args.image_encoder)
     width = 5 * (CELL * SCALE + 4)
     rows = []
     for s in references(3, seed=5):
