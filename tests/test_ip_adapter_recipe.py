@@ -82,7 +82,7 @@ def test_object_weight_weights_the_loss_towards_the_pictures_objects(tmp_path, c
     prepared = recipe.prepare(batch, StepContext(1, RandomStreams(0)))
     expected = 1 + 4 * batch["objects"]
     assert torch.allclose(prepared["pixel_weight"], expected / expected.mean(dim=(1, 2, 3), keepdim=True))
-    # the weighted loss differs from the plain one on the same noise and t, and has its scale on a flat error
+    # the weighted loss differs from the plain one on the same noise and t
     weighted = recipe.step(recipe.modules, prepared, StepContext(1, RandomStreams(0)))["loss"]
     plain = {k: v for k, v in prepared.items() if k != "pixel_weight"}
     plain = recipe.step(recipe.modules, plain, StepContext(1, RandomStreams(0)))["loss"]

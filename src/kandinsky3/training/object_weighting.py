@@ -8,6 +8,14 @@ from __future__ import annotations
 
 import torch
 
+from ..models.config import ConfigError
+
+
+def check_object_weight(object_weight: float) -> None:
+    """``model.object_weight`` is ≥ 1 (1: the plain ε-MSE)."""
+    if object_weight < 1:
+        raise ConfigError(f"model.object_weight must be ≥ 1 (1 = plain ε-MSE), got {object_weight}")
+
 
 def object_coverage(images: torch.Tensor, factor: int, threshold: float = 0.1) -> torch.Tensor:
     """Share of each ``factor``×``factor`` patch (one latent pixel) that is not background, (B, 1, H/f, W/f) in
@@ -33,4 +41,16 @@ def batch_pixel_weight(batch: dict, factor: int, object_weight: float, device) -
     return object_pixel_weight(objects.to(device), object_weight)
 
 
-__all__ = ["batch_pixel_weight", "object_coverage", "object_pixel_weight"]
+def weighted_square_error(eps: torch.Tensor, noise: torch.Tensor, batch: dict) -> torch.Tensor:
+    """The per-element ε error, weighted by the batch's ``pixel_weight`` (from :func:`batch_pixel_weight`) if any."""
+    error = (eps.float() - noise).square()
+    return error * batch["pixel_weight"] if "pixel_weight" in batch else error
+
+
+__all__ = [
+    "batch_pixel_weight",
+    "check_object_weight",
+    "object_coverage",
+    "object_pixel_weight",
+    "weighted_square_error",
+]

@@ -101,8 +101,9 @@ class Recipe:
 
     @classmethod
     def reads_plain_world_data(cls) -> bool:
-        """Whether world data comes from ``data.make_dataset`` (which reads ``data.object_counts`` and
-        ``data.complete_captions``); a recipe with its own ``make_dataset`` builds its own samples."""
+        """Whether the recipe's world data honours ``data.object_counts`` and ``data.complete_captions``: true when
+        it comes from ``data.make_dataset``; a recipe with its own ``make_dataset`` builds its own samples and
+        overrides this only if that dataset reads them too (ip_adapter's ``WorldReferences``)."""
         return cls.make_dataset is Recipe.make_dataset
 
     def parameter_groups(self) -> dict[str, list[torch.nn.Parameter]]:

@@ -29,7 +29,7 @@ from ...edges import soft_edges
 from ...models.config import ConfigError
 from ...models.controlnet import ControlNet
 from ...models.seeding import drawing_from
-from ..object_weighting import batch_pixel_weight, object_coverage
+from ..object_weighting import batch_pixel_weight, check_object_weight, object_coverage, weighted_square_error
 from .base import Recipe, encoded_cache, evaluating, image_grid, load_frozen
 
 
@@ -55,8 +55,7 @@ class ControlNetParams:
             value = getattr(self, name)
             if not 0 <= value <= 1:
                 raise ConfigError(f"model.{name} must be in [0, 1], got {value}")
-        if self.object_weight < 1:
-            raise ConfigError(f"model.object_weight must be ≥ 1 (1 = plain ε-MSE), got {self.object_weight}")
+        check_object_weight(self.object_weight)
         lo, hi = self.timestep_range
         if not 0 <= lo < hi <= 1000:
             raise ConfigError(f"model.timestep_range must satisfy 0 ≤ lo < hi ≤ 1000, got {self.timestep_range}")
@@ -169,10 +168,7 @@ class ControlNetRecipe(Recipe):
         text = dict(context=batch["context"], context_mask=batch["mask"], context_lengths=batch["lengths"])
         residuals = modules["controlnet"](x_t, t.float(), batch["hint"], **text)
         eps = self.unet(x_t, t.float(), control_residuals=residuals, **text)
-        error = (eps.float() - noise).square()
-        if "pixel_weight" in batch:  # the objects' colours are what the caption binds; the background is easy
-            error = error * batch["pixel_weight"]
-        loss = error.mean(dim=(1, 2, 3))
+        loss = weighted_square_error(eps, noise, batch).mean(dim=(1, 2, 3))
         cap = self.params.x0_weight_cap
         if cap:  # x0-space error ∝ ε error / SNR: the steps that decide the layout count most
             abar = self.schedule.alphas_cumprod.to(t.device)[t]

@@ -35,7 +35,7 @@ from ...world import BACKGROUNDS, caption_scene, render
 from ...world.captions import BACKGROUND_TEMPLATES
 from ...world.dataset import SPLIT_SEEDS, to_tensor, world_sample
 from ...world.judge import judge
-from ..object_weighting import batch_pixel_weight, object_coverage
+from ..object_weighting import batch_pixel_weight, check_object_weight, object_coverage, weighted_square_error
 from .base import Recipe, image_grid, load_frozen
 
 REFERENCES = ("same", "new_background")
@@ -70,8 +70,7 @@ class IPAdapterParams:
             raise ConfigError("model.drop_image + drop_text + drop_both must be ≤ 1")
         if self.reference not in REFERENCES:
             raise ConfigError(f"model.reference must be one of {REFERENCES}, got {self.reference!r}")
-        if self.object_weight < 1:
-            raise ConfigError(f"model.object_weight must be ≥ 1 (1 = plain ε-MSE), got {self.object_weight}")
+        check_object_weight(self.object_weight)
         if self.text not in TEXT_MODES:
             raise ConfigError(f"model.text must be one of {TEXT_MODES}, got {self.text!r}")
         if cfg.data.source != "world" and (self.reference != "same" or self.background_caption):
@@ -252,10 +251,7 @@ class IPAdapterRecipe(Recipe):
         noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype, generator=g)
         x_t = self.schedule.q_sample(latents, t, noise)
         eps = self.unet(x_t, t.float(), context, mask, None, lengths, image_tokens=tokens, image_weight=1.0)
-        error = (eps.float() - noise).square()
-        if "pixel_weight" in batch:  # the reference's objects are the signal; the background is the text's or chance
-            error = error * batch["pixel_weight"]
-        return {"loss": error.mean()}
+        return {"loss": weighted_square_error(eps, noise, batch).mean()}
 
     # -- sampling with the (EMA) adapter ---------------------------------------------------------------------------
 
