@@ -214,6 +214,38 @@ def test_known_region_weighting_reaches_the_loss(recipe, tmp_path):
         _cfg(tmp_path, model={**model, "known_region_gamma": 0.5})
 
 
+def test_hole_share_reaches_the_loss(recipe, tmp_path):
+    """``model.hole_share`` reaches the trainable and changes the loss of the sampled masks (same timesteps and
+    noise) but not of a sample with nothing known (the hole is everything already); a share outside (0, 1) is
+    refused."""
+    from kandinsky3.models.config import ConfigError
+    from kandinsky3.training.recipes import make_recipe
+
+    def gen():
+        return torch.Generator().manual_seed(4)
+
+    prepared = recipe.prepare(
+        recipe.collate([recipe.dataset[i] for i in range(4)]), type("Ctx", (), {"generator": lambda self, d: gen()})()
+    )
+    nothing_known = {**prepared, "extra_channels": prepared["extra_channels"].clone()}
+    nothing_known["extra_channels"][:, :1] = 0
+    trainable = recipe.trainable
+    assert trainable.hole_share is None
+    with torch.no_grad():
+        plain, plain_unknown = trainable(prepared, gen()), trainable(nothing_known, gen())
+        try:
+            trainable.hole_share = 0.5
+            assert torch.allclose(trainable(nothing_known, gen()), plain_unknown)
+            assert not torch.allclose(trainable(prepared, gen()), plain)
+        finally:
+            trainable.hole_share = None
+    model = _cfg_dict(tmp_path)["model"]
+    assert make_recipe(_cfg(tmp_path, model={**model, "hole_share": 0.25}), "cpu").trainable.hole_share == 0.25
+    for bad in (0.0, 1.0):
+        with pytest.raises(ConfigError, match="hole_share is a share in"):
+            _cfg(tmp_path, model={**model, "hole_share": bad})
+
+
 def test_known_region_drift_reaches_the_unet_and_the_target(recipe, tmp_path, monkeypatch):
     """``model.known_region_drift`` reaches the trainable; with it the U-Net sees x_t moved in the known region only,
     and the loss is taken against ε plus the same offset; a share outside [0, 1] is refused."""

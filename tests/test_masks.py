@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kandinsky3.models.config import ConfigError
-from kandinsky3.training.masks import KINDS, MaskMixture, MaskSampler, extend_box
+from kandinsky3.training.masks import KINDS, OBJECT_RIM, MaskMixture, MaskSampler, extend_box, grow_box
 from kandinsky3.world.dataset import world_sample
 from kandinsky3.world.render import render
 
@@ -58,6 +58,24 @@ def test_box_based_masks_cover_their_object_and_stay_in_the_extended_box(draws):
             assert m.mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].all()
 
 
+def test_tight_box_masks_are_the_object_box_plus_its_rim_in_their_share():
+    """``tight``: that share of box masks is the object's box + OBJECT_RIM exactly (as the eval removes an object),
+    the rest stay extended; shape, random and whole masks are untouched."""
+    scenes = [render(world_sample(i, "train").scene, 64) for i in range(40)]
+    sampler, rng = MaskSampler(MaskMixture(box=1, shape=0, random=0, whole=0, tight=0.3)), np.random.default_rng(1)
+    tight = 0
+    for i in range(600):
+        r = scenes[i % len(scenes)]
+        m = sampler.sample(64, 64, r.boxes, rng)
+        expected = np.zeros((64, 64), np.float32)
+        x0, y0, x1, y1 = grow_box(r.boxes[m.object_index], OBJECT_RIM, 64, 64)
+        expected[y0:y1, x0:x1] = 1
+        tight += np.array_equal(m.mask, expected)
+    sd = (0.3 * 0.7 / 600) ** 0.5
+    assert abs(tight / 600 - 0.3) < 4 * sd, tight
+    assert grow_box((0, 5, 10, 64), 1, 64, 64) == (0, 4, 11, 64)  # clipped to the image
+
+
 def test_extended_box_moves_each_side_into_its_free_margin_only():
     rng = np.random.default_rng(1)
     for _ in range(200):
@@ -99,6 +117,7 @@ def test_random_only_mixture_is_the_30_regime():
         (dict(box=-1), "shares ≥ 0"),
         (dict(box=0, shape=0, random=0, whole=0), "positive sum"),
         (dict(extend_max=2), "extend_max"),
+        (dict(tight=1.5), "tight is a share"),
         (dict(stroke_width=(0.3, 0.1)), "stroke_width"),
     ],
 )

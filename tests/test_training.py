@@ -250,6 +250,26 @@ def test_known_region_weight():
     assert torch.allclose(boost, (1 / snr).clamp(1, 20))
 
 
+def test_hole_share_weight():
+    """A small hole is raised to exactly its share of the sample's total weight; a hole that already has more, and
+    a sample with nothing known, keep their weights; the known region is never touched."""
+    import torch
+
+    from kandinsky3.training.recipes.diffusion import hole_share_weight
+
+    keep = torch.ones(3, 1, 8, 8)
+    keep[0, :, 3:5, 3:5] = 0  # 4 of 64 cells: a small object's box
+    keep[1, :, :, :5] = 0  # 40 of 64: a large random mask
+    keep[2] = 0  # the whole image
+    weight = 1 + keep * torch.tensor([20.0, 3.0, 7.0]).view(3, 1, 1, 1)  # a known-region boost per sample
+    w = hole_share_weight(keep, weight, 0.25)
+    hole_total = (w * (1 - keep)).sum(dim=(1, 2, 3))
+    total = w.sum(dim=(1, 2, 3))
+    assert torch.isclose(hole_total[0] / total[0], torch.tensor(0.25))  # was 4 / (4 + 60·21) < 0.4 %
+    assert torch.equal(w[1:], weight[1:])  # the large hole has > 25 % already; nothing known: unchanged
+    assert torch.equal(w[keep == 1], weight[keep == 1])
+
+
 def test_known_region_drift():
     """The drift offsets only the known region of the chosen samples, is clipped in ε units, vanishes where the noise
     drowns the picture, and keeps the x0 target: x0 from (x_t + √(1−ᾱ)·o, ε + o) is still the true latent."""

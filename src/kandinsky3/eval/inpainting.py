@@ -31,10 +31,10 @@ from ..diffusion.conditioning import ExtraChannels
 from ..pipeline import Kandinsky3
 from ..requests import Inpaint
 from ..tasks import Plan, plan_inpaint
+from ..training.masks import OBJECT_RIM, grow_box
 from .metrics import psnr
 
 SPLIT = "test"
-MASK_MARGIN = 1  # px added on each side of the object's box (its anti-aliased rim lies outside the >0.5 box)
 SEED = 0
 
 
@@ -75,9 +75,7 @@ def make_cases(num: int, size: int = 64, split: str = SPLIT) -> list[InpaintCase
         rng = random.Random(10_007 + i)
         k = rng.randrange(len(s.scene.objects))
         obj = s.scene.objects[k]
-        x0, y0, x1, y1 = render(s.scene, size).boxes[k]
-        x0, y0 = max(0, x0 - MASK_MARGIN), max(0, y0 - MASK_MARGIN)
-        x1, y1 = min(size, x1 + MASK_MARGIN), min(size, y1 + MASK_MARGIN)
+        x0, y0, x1, y1 = grow_box(render(s.scene, size).boxes[k], OBJECT_RIM, size, size)
         mask = np.zeros((size, size), np.float32)
         mask[y0:y1, x0:x1] = 1.0
         used = {o.color for o in s.scene.objects} | {s.scene.background}

@@ -2,7 +2,8 @@
 
 Kinds (:data:`KINDS`):
 
-- ``box`` — (a) an object's box, each side pushed out by a random share of the free margin on that side;
+- ``box`` — (a) an object's box, each side pushed out by a random share of the free margin on that side (or, for
+  a ``tight`` share of them, the object's own box plus its 1-px anti-aliased rim: a detection box as it is);
 - ``shape`` — (b) an irregular closed curve (a random polygon smoothed into a quadratic B-spline, i.e. chained
   Bézier arcs) around the object, clipped to the extended box of (a);
 - ``random`` — (c) LaMa-style free-form brush strokes plus a few rectangles, blind to the objects (Kandinsky 3.0);
@@ -34,6 +35,7 @@ class MaskMixture:
     random: float = 0.45
     whole: float = 0.05
     extend_max: float = 0.5  # (a) each side moves out by U(0, extend_max) × its free margin
+    tight: float = 0.0  # (a) share of box masks that are the object's box + OBJECT_RIM, not extended
     strokes: tuple[int, int] = (1, 4)  # (c) number of brush strokes (inclusive range)
     stroke_vertices: tuple[int, int] = (2, 6)
     stroke_width: tuple[float, float] = (0.06, 0.2)  # of the image side
@@ -49,6 +51,8 @@ class MaskMixture:
             raise ConfigError(f"{where}: box, shape, random, whole are shares ≥ 0 with a positive sum, got {weights}")
         if not 0 <= self.extend_max <= 1:
             raise ConfigError(f"{where}.extend_max must be in [0, 1], got {self.extend_max}")
+        if not 0 <= self.tight <= 1:
+            raise ConfigError(f"{where}.tight is a share in [0, 1], got {self.tight}")
         for name in ("strokes", "stroke_vertices", "stroke_width", "stroke_step", "rectangles", "rectangle_side"):
             lo, hi = getattr(self, name)
             if lo < 0 or hi < lo:
@@ -93,6 +97,15 @@ def extend_box(box, width: int, height: int, fraction_max: float, rng: np.random
         int(math.ceil(x1 + u[2] * (width - x1))),
         int(math.ceil(y1 + u[3] * (height - y1))),
     )
+
+
+OBJECT_RIM = 1  # px: a rendered object's anti-aliased rim lies outside its >0.5 box; a mask that removes it adds this
+
+
+def grow_box(box, px: int, width: int, height: int) -> tuple[int, int, int, int]:
+    """``box`` (x0, y0, x1, y1) grown by ``px`` on each side, clipped to the image."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    return max(0, x0 - px), max(0, y0 - px), min(width, x1 + px), min(height, y1 + px)
 
 
 def _box_mask(box, width: int, height: int) -> np.ndarray:
@@ -201,6 +214,8 @@ class MaskSampler:
         index = usable[int(rng.integers(len(usable)))]
         extended = extend_box(boxes[index], width, height, self.mixture.extend_max, rng)
         if kind == "box":
+            if self.mixture.tight and rng.uniform() < self.mixture.tight:  # no draw when 0: old seeds keep their masks
+                extended = grow_box(boxes[index], OBJECT_RIM, width, height)
             return SampledMask(_box_mask(extended, width, height), kind, index)
         return SampledMask(irregular_mask(boxes[index], extended, width, height, rng), kind, index)
 
@@ -211,7 +226,9 @@ __all__ = [
     "MaskSampler",
     "SampledMask",
     "as_numpy_generator",
+    "OBJECT_RIM",
     "extend_box",
+    "grow_box",
     "irregular_mask",
     "random_mask",
 ]

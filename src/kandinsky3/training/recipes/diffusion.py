@@ -105,6 +105,7 @@ class DiffusionTrainable(nn.Module):
         self.unet, self.text, self.min_snr_gamma = unet, text, min_snr_gamma
         self.known_region_gamma: float | None = None  # the inpainting recipe's known-region weighting
         self.known_region_drift: float = 0.0  # the inpainting recipe's share of samples with a drifted known region
+        self.hole_share: float | None = None  # the inpainting recipe's least share of a sample's loss in the hole
         self.null_embedding = nn.Parameter(torch.randn(text.context_dim) * 0.02)
         self.text.encoder.requires_grad_(train_text_encoder)
         self.schedule = NoiseSchedule.named("cosine")
@@ -132,8 +133,12 @@ class DiffusionTrainable(nn.Module):
             noise = noise + offset  # the ε that maps the drifted x_t back to the true x0
         eps = self.unet(x_t, t.float(), context, mask, None, lengths, extra_channels=extra)
         error = (eps.float() - noise).square()
-        if self.known_region_gamma and extra is not None:
-            error = error * known_region_weight(extra[:, :1].float(), abar, self.known_region_gamma)
+        if extra is not None and (self.known_region_gamma or self.hole_share):
+            keep = extra[:, :1].float()
+            weight = known_region_weight(keep, abar, self.known_region_gamma or 1.0)
+            if self.hole_share:
+                weight = hole_share_weight(keep, weight, self.hole_share)
+            error = error * weight
         loss = error.mean(dim=(1, 2, 3))
         if self.min_snr_gamma:
             loss = loss * min_snr_weight(abar, self.min_snr_gamma)
@@ -155,6 +160,19 @@ def known_region_weight(keep: torch.Tensor, abar: torch.Tensor, gamma: float) ->
     snr = abar / (1 - abar)
     boost = (1 / snr.clamp(min=1e-8)).clamp(min=1.0, max=gamma)
     return 1 + keep * (boost.view(-1, 1, 1, 1) - 1)
+
+
+def hole_share_weight(keep: torch.Tensor, weight: torch.Tensor, share: float) -> torch.Tensor:
+    """Raise the hole's per-pixel weight (``keep`` = 0) so that the hole carries at least ``share`` of each sample's
+    total weight (``weight`` per pixel, (B, 1, h, w)). A small object's box covers 1-4 of nano's 8×8 latent cells,
+    so under the known region's boost it had < 1 % of the loss at the noisy steps that decide what the object is; a
+    hole that already has its share (large random masks, the whole image) keeps its weights."""
+    weight = weight.expand_as(keep)
+    hole = 1.0 - keep
+    known_total = (weight * keep).sum(dim=(1, 2, 3), keepdim=True)
+    hole_cells = hole.sum(dim=(1, 2, 3), keepdim=True)
+    wanted = share / (1 - share) * known_total / hole_cells.clamp(min=1)
+    return torch.where(hole.bool(), torch.maximum(weight, wanted), weight)
 
 
 DRIFT_SHRINK = 0.25  # the drifted known region is the true latent scaled by U(1 − this, 1) …

@@ -47,6 +47,7 @@ class InpaintingParams(DiffusionParams):
     new_input_lr_scale: float = 1.0  # the in_layer's mask / masked-latent weights learn this many times faster
     known_region_gamma: float | None = None  # weight the known region's ε-MSE by min(max(1/SNR, 1), γ)
     known_region_drift: float = 0.0  # share of samples whose x_t known region drifts off (diffusion.known_region_drift)
+    hole_share: float | None = None  # the hole carries at least this share of each sample's loss (hole_share_weight)
 
     def validate(self, cfg):
         super().validate(cfg)
@@ -61,6 +62,8 @@ class InpaintingParams(DiffusionParams):
             raise ConfigError(f"model.known_region_gamma must be ≥ 1 (or unset), got {self.known_region_gamma}")
         if not 0.0 <= self.known_region_drift <= 1.0:
             raise ConfigError(f"model.known_region_drift is a share in [0, 1], got {self.known_region_drift}")
+        if self.hole_share is not None and not 0.0 < self.hole_share < 1.0:
+            raise ConfigError(f"model.hole_share is a share in (0, 1) (or unset), got {self.hole_share}")
         if self.shares and self.train_text_encoder:
             raise ConfigError("model.shares reuses a frozen text encoder: set model.train_text_encoder: false")
 
@@ -138,6 +141,7 @@ class InpaintingRecipe(DiffusionRecipe):
             unet.in_layer = ScaledInputConv(unet.in_layer, self.movq.config.embed_dim, m.new_input_lr_scale)
         self.trainable.known_region_gamma = m.known_region_gamma
         self.trainable.known_region_drift = m.known_region_drift
+        self.trainable.hole_share = m.hole_share
         # an inpainting model samples as the official inpainting pipeline does (spec §4.2), whatever its init's defaults
         sampler = replace(self.variant.sampler, threshold_percentile=INPAINTING_THRESHOLD_PERCENTILE)
         self.variant = replace(self.variant, inpainting=True, sampler=sampler)
