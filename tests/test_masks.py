@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from kandinsky3.models.config import ConfigError
-from kandinsky3.training.masks import KINDS, OBJECT_RIM, MaskMixture, MaskSampler, extend_box, grow_box
+from kandinsky3.training.masks import KINDS, MaskMixture, MaskSampler, extend_box
 from kandinsky3.world.dataset import world_sample
-from kandinsky3.world.render import render
+from kandinsky3.world.render import OBJECT_RIM, grow_box, render
 
 N = 1200
 

@@ -31,7 +31,7 @@ from ..diffusion.conditioning import ExtraChannels
 from ..pipeline import Kandinsky3
 from ..requests import Inpaint
 from ..tasks import Plan, plan_inpaint
-from ..training.masks import OBJECT_RIM, grow_box
+from ..world.render import OBJECT_RIM, grow_box
 from .metrics import psnr
 
 SPLIT = "test"

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ..world.render import OBJECT_RIM, grow_box
+
 KINDS = ("box", "shape", "random", "whole")
 
 
@@ -97,15 +99,6 @@ def extend_box(box, width: int, height: int, fraction_max: float, rng: np.random
         int(math.ceil(x1 + u[2] * (width - x1))),
         int(math.ceil(y1 + u[3] * (height - y1))),
     )
-
-
-OBJECT_RIM = 1  # px: a rendered object's anti-aliased rim lies outside its >0.5 box; a mask that removes it adds this
-
-
-def grow_box(box, px: int, width: int, height: int) -> tuple[int, int, int, int]:
-    """``box`` (x0, y0, x1, y1) grown by ``px`` on each side, clipped to the image."""
-    x0, y0, x1, y1 = (int(v) for v in box)
-    return max(0, x0 - px), max(0, y0 - px), min(width, x1 + px), min(height, y1 + px)
 
 
 def _box_mask(box, width: int, height: int) -> np.ndarray:
@@ -226,9 +219,7 @@ __all__ = [
     "MaskSampler",
     "SampledMask",
     "as_numpy_generator",
-    "OBJECT_RIM",
     "extend_box",
-    "grow_box",
     "irregular_mask",
     "random_mask",
 ]

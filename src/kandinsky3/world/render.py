@@ -11,6 +11,13 @@ from PIL import Image, ImageDraw
 from .scene import BACKGROUNDS, COLORS, SIZES, Scene, WorldObject, cell_center
 
 SUPERSAMPLE = 4
+OBJECT_RIM = 1  # px: a rendered object's anti-aliased rim lies outside its >0.5 box; a mask that removes it adds this
+
+
+def grow_box(box, px: int, width: int, height: int) -> tuple[int, int, int, int]:
+    """``box`` (x0, y0, x1, y1) grown by ``px`` on each side, clipped to the image."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    return max(0, x0 - px), max(0, y0 - px), min(width, x1 + px), min(height, y1 + px)
 
 
 def shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
