@@ -179,6 +179,24 @@ def test_training_batch_is_built_by_the_same_function(recipe, monkeypatch):
             assert p == batch["caption"][i]
 
 
+def _gen():
+    """The timesteps and noise every loss comparison below draws (the same for both sides)."""
+    return torch.Generator().manual_seed(4)
+
+
+def _sampled_and_nothing_known(recipe):
+    """A prepared batch of 4 with its sampled masks, and the same batch with nothing known (keep-mask all 0)."""
+
+    class Ctx:
+        def generator(self, device):
+            return _gen()
+
+    prepared = recipe.prepare(recipe.collate([recipe.dataset[i] for i in range(4)]), Ctx())
+    nothing_known = {**prepared, "extra_channels": prepared["extra_channels"].clone()}
+    nothing_known["extra_channels"][:, :1] = 0
+    return prepared, nothing_known
+
+
 def test_known_region_weighting_reaches_the_loss(recipe, tmp_path):
     """``model.known_region_gamma`` reaches the trainable and scales only the known region's error: with nothing
     known the loss is the plain one, with the sampled masks it is larger (the same timesteps and noise); γ < 1 is
@@ -186,24 +204,15 @@ def test_known_region_weighting_reaches_the_loss(recipe, tmp_path):
     from kandinsky3.models.config import ConfigError
     from kandinsky3.training.recipes import make_recipe
 
-    def gen():
-        return torch.Generator().manual_seed(4)
-
-    class Ctx:
-        def generator(self, device):
-            return gen()
-
-    prepared = recipe.prepare(recipe.collate([recipe.dataset[i] for i in range(4)]), Ctx())
-    nothing_known = {**prepared, "extra_channels": prepared["extra_channels"].clone()}
-    nothing_known["extra_channels"][:, :1] = 0
+    prepared, nothing_known = _sampled_and_nothing_known(recipe)
     trainable = recipe.trainable
     assert trainable.known_region_gamma is None
     with torch.no_grad():
-        plain, plain_unknown = trainable(prepared, gen()), trainable(nothing_known, gen())
+        plain, plain_unknown = trainable(prepared, _gen()), trainable(nothing_known, _gen())
         try:
             trainable.known_region_gamma = 20.0
-            assert torch.allclose(trainable(nothing_known, gen()), plain_unknown)
-            assert trainable(prepared, gen()) > 1.05 * plain
+            assert torch.allclose(trainable(nothing_known, _gen()), plain_unknown)
+            assert trainable(prepared, _gen()) > 1.05 * plain
         finally:
             trainable.known_region_gamma = None
     model = _cfg_dict(tmp_path)["model"]
@@ -221,22 +230,15 @@ def test_hole_share_reaches_the_loss(recipe, tmp_path):
     from kandinsky3.models.config import ConfigError
     from kandinsky3.training.recipes import make_recipe
 
-    def gen():
-        return torch.Generator().manual_seed(4)
-
-    prepared = recipe.prepare(
-        recipe.collate([recipe.dataset[i] for i in range(4)]), type("Ctx", (), {"generator": lambda self, d: gen()})()
-    )
-    nothing_known = {**prepared, "extra_channels": prepared["extra_channels"].clone()}
-    nothing_known["extra_channels"][:, :1] = 0
+    prepared, nothing_known = _sampled_and_nothing_known(recipe)
     trainable = recipe.trainable
     assert trainable.hole_share is None
     with torch.no_grad():
-        plain, plain_unknown = trainable(prepared, gen()), trainable(nothing_known, gen())
+        plain, plain_unknown = trainable(prepared, _gen()), trainable(nothing_known, _gen())
         try:
             trainable.hole_share = 0.5
-            assert torch.allclose(trainable(nothing_known, gen()), plain_unknown)
-            assert not torch.allclose(trainable(prepared, gen()), plain)
+            assert torch.allclose(trainable(nothing_known, _gen()), plain_unknown)
+            assert not torch.allclose(trainable(prepared, _gen()), plain)
         finally:
             trainable.hole_share = None
     model = _cfg_dict(tmp_path)["model"]

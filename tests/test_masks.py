@@ -59,8 +59,8 @@ def test_box_based_masks_cover_their_object_and_stay_in_the_extended_box(draws):
 
 
 def test_tight_box_masks_are_the_object_box_plus_its_rim_in_their_share():
-    """``tight``: that share of box masks is the object's box + OBJECT_RIM exactly (as the eval removes an object),
-    the rest stay extended; shape, random and whole masks are untouched."""
+    """``tight``: that share of box masks is the object's box + OBJECT_RIM exactly (as the eval removes an object);
+    ``grow_box`` clips to the image."""
     scenes = [render(world_sample(i, "train").scene, 64) for i in range(40)]
     sampler, rng = MaskSampler(MaskMixture(box=1, shape=0, random=0, whole=0, tight=0.3)), np.random.default_rng(1)
     tight = 0
