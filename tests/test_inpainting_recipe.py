@@ -248,6 +248,59 @@ def test_hole_share_reaches_the_loss(recipe, tmp_path):
             _cfg(tmp_path, model={**model, "hole_share": bad})
 
 
+def test_strictly_known_cells_are_the_cells_with_no_repainted_pixel():
+    """Written out per cell: known iff none of its 8×8 pixels is repainted. A box off the latent grid leaves cells
+    the U-Net's keep-mask (one sampled pixel per cell, the released rule) calls known and this rule does not."""
+    from kandinsky3.diffusion.inpainting import latent_keep_mask
+    from kandinsky3.training.recipes.inpainting import strictly_known_cells
+
+    repaint = torch.zeros(2, 1, 64, 64)
+    repaint[0, :, 13:24, 13:24] = 1  # a small object's box + rim, off the grid
+    repaint[1, :, 40:, :20] = 0.3  # fractional values count as repainted
+    got = strictly_known_cells(repaint, (8, 8))
+    want = torch.ones(2, 1, 8, 8)
+    for b in range(2):
+        for i in range(8):
+            for j in range(8):
+                if repaint[b, 0, 8 * i : 8 * i + 8, 8 * j : 8 * j + 8].any():
+                    want[b, 0, i, j] = 0
+    assert torch.equal(got, want)
+    nearest = latent_keep_mask(repaint, (8, 8))
+    assert (got <= nearest).all()  # strictly known cells are known to the U-Net too …
+    assert int((nearest - got)[0].sum()) == 3  # … but the box's cells at rows/columns 1 are not strictly known
+    assert got[0, 0, 1:3, 1:3].sum() == 0 and nearest[0, 0, 2, 2] == 0
+
+
+def test_strict_known_reaches_the_loss(recipe, tmp_path):
+    """``model.strict_known`` puts the strictly known cells in the batch (never more than the U-Net's keep-mask)
+    and the known-region weighting then uses them: with γ set, the loss of the same batch, timesteps and noise
+    changes; without the option the batch has no such cells and nothing changes."""
+    from kandinsky3.training.recipes import make_recipe
+
+    plain_batch, _ = _sampled_and_nothing_known(recipe)
+    assert "known_cells" not in plain_batch
+    trainable = recipe.trainable
+    try:
+        recipe.params.strict_known = True
+        strict_batch, _ = _sampled_and_nothing_known(recipe)
+    finally:
+        recipe.params.strict_known = False
+    keep = plain_batch["extra_channels"][:, :1]
+    known = strict_batch["known_cells"]
+    assert torch.equal(strict_batch["extra_channels"], plain_batch["extra_channels"])  # the U-Net's inputs are kept
+    assert (known <= keep).all() and (known < keep).any()
+    with torch.no_grad():
+        try:
+            trainable.known_region_gamma = 20.0
+            assert not torch.allclose(trainable(strict_batch, _gen()), trainable(plain_batch, _gen()))
+            no_partial = {**strict_batch, "known_cells": keep}
+            assert torch.allclose(trainable(no_partial, _gen()), trainable(plain_batch, _gen()))
+        finally:
+            trainable.known_region_gamma = None
+    model = _cfg_dict(tmp_path)["model"]
+    assert make_recipe(_cfg(tmp_path, model={**model, "strict_known": True}), "cpu").params.strict_known
+
+
 def test_known_region_drift_reaches_the_unet_and_the_target(recipe, tmp_path, monkeypatch):
     """``model.known_region_drift`` reaches the trainable; with it the U-Net sees x_t moved in the known region only,
     and the loss is taken against ε plus the same offset; a share outside [0, 1] is refused."""

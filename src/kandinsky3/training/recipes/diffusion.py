@@ -126,15 +126,17 @@ class DiffusionTrainable(nn.Module):
         noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype, generator=generator)
         x_t = self.schedule.q_sample(latents, t, noise)
         extra = batch.get("extra_channels")  # the inpainting recipe's [keep-mask, masked-image latent], else None
+        # the latent cells the loss treats as known: the U-Net's own keep-mask, or the inpainting recipe's strict one
+        keep = batch.get("known_cells", extra[:, :1] if extra is not None else None)
         abar = self.schedule.alphas_cumprod.to(t.device)[t]
         if self.known_region_drift and extra is not None:
-            offset = known_region_drift(latents, extra[:, :1], abar, self.known_region_drift, generator)
+            offset = known_region_drift(latents, keep, abar, self.known_region_drift, generator)
             x_t = x_t + (1 - abar).sqrt().view(-1, 1, 1, 1) * offset
             noise = noise + offset  # the ε that maps the drifted x_t back to the true x0
         eps = self.unet(x_t, t.float(), context, mask, None, lengths, extra_channels=extra)
         error = (eps.float() - noise).square()
         if extra is not None and (self.known_region_gamma or self.hole_share):
-            keep = extra[:, :1].float()
+            keep = keep.float()
             weight = known_region_weight(keep, abar, self.known_region_gamma or 1.0)
             if self.hole_share:
                 weight = hole_share_weight(keep, weight, self.hole_share)
