@@ -200,9 +200,11 @@ class InpaintingRecipe(DiffusionRecipe):
             latents = batch["latents"].to(self.device) if "latents" in batch else self.movq.encode(pixels).float()
         ids, mask = self.trainable.text.tokenize(prompts)
         drop = torch.rand(len(prompts), generator=gen) < self.params.cfg_dropout
-        known = {"known_cells": strictly_known_cells(repaint, extra.shape[-2:]).to(self.device)}
+        known = {}
+        if self.params.strict_known:  # only then: the default path does no per-step pooling
+            known["known_cells"] = strictly_known_cells(repaint, extra.shape[-2:]).to(self.device)
         return {
-            **(known if self.params.strict_known else {}),
+            **known,
             "ids": ids.to(self.device),
             "mask": mask.to(self.device),
             "latents": latents,
