@@ -38,6 +38,7 @@ class MaskMixture:
     whole: float = 0.05
     extend_max: float = 0.5  # (a) each side moves out by U(0, extend_max) × its free margin
     tight: float = 0.0  # (a) share of box masks that are the object's box + OBJECT_RIM, not extended
+    small_bias: float = 0.0  # (a, b) the object is drawn with probability ∝ box area^−small_bias (0: uniform)
     strokes: tuple[int, int] = (1, 4)  # (c) number of brush strokes (inclusive range)
     stroke_vertices: tuple[int, int] = (2, 6)
     stroke_width: tuple[float, float] = (0.06, 0.2)  # of the image side
@@ -55,6 +56,8 @@ class MaskMixture:
             raise ConfigError(f"{where}.extend_max must be in [0, 1], got {self.extend_max}")
         if not 0 <= self.tight <= 1:
             raise ConfigError(f"{where}.tight is a share in [0, 1], got {self.tight}")
+        if self.small_bias < 0:
+            raise ConfigError(f"{where}.small_bias is an exponent ≥ 0 (0: every object alike), got {self.small_bias}")
         for name in ("strokes", "stroke_vertices", "stroke_width", "stroke_step", "rectangles", "rectangle_side"):
             lo, hi = getattr(self, name)
             if lo < 0 or hi < lo:
@@ -204,13 +207,22 @@ class MaskSampler:
             return SampledMask(np.ones((height, width), np.float32), kind, None)
         if kind == "random":
             return SampledMask(random_mask(width, height, self.mixture, rng), kind, None)
-        index = usable[int(rng.integers(len(usable)))]
+        index = usable[self._object_choice([boxes[i] for i in usable], rng)]
         extended = extend_box(boxes[index], width, height, self.mixture.extend_max, rng)
         if kind == "box":
             if self.mixture.tight and rng.uniform() < self.mixture.tight:  # no draw when 0: old seeds keep their masks
                 extended = grow_box(boxes[index], OBJECT_RIM, width, height)
             return SampledMask(_box_mask(extended, width, height), kind, index)
         return SampledMask(irregular_mask(boxes[index], extended, width, height, rng), kind, index)
+
+    def _object_choice(self, boxes, rng: np.random.Generator) -> int:
+        """Which of ``boxes`` the box-based mask is drawn around: uniform, or biased toward small objects, whose
+        few latent cells are the hardest holes to fill (docs/inpainting.md, stage 9)."""
+        if not self.mixture.small_bias:  # the uniform draw as before: old seeds keep their masks
+            return int(rng.integers(len(boxes)))
+        areas = np.array([(b[2] - b[0]) * (b[3] - b[1]) for b in boxes], dtype=np.float64)
+        weights = areas**-self.mixture.small_bias
+        return int(rng.choice(len(boxes), p=weights / weights.sum()))
 
 
 __all__ = [
