@@ -4,7 +4,7 @@ Settings are chosen here, never on the test split ``kandinsky3 eval controlnet``
 scene count is one setting: comma-separated ``name=value`` pairs of the generation settings (``guidance``,
 ``threshold_percentile``, ``eta``…) plus ``scale`` (the conditioning scale); an empty string is the defaults.
 
-    python scripts/controlnet_val_sweep.py wip/nano-controlnet-one 150 "" threshold_percentile=0.98 guidance=0
+    python scripts/controlnet_val_sweep.py runs/nano-controlnet-one/export 150 "" threshold_percentile=0.98 guidance=0
 """
 
 import functools
@@ -29,7 +29,9 @@ def main():
         rates = tally["layout"]["controlnet"].to_dict()
         by_count = " / ".join(f"{v:.1%}" for v in rates["positions_by_count"].values())
         n, layout = rates["n"], rates["positions"]
-        print(f"{spec or 'defaults':<32} layout {layout:.1%} (1 / 2 / 3 objects: {by_count}), n={n}")
+        twins = f"twins {rates['positions_twins']:.1%} of {rates['n_twins']}, others {rates['positions_distinct']:.1%}"
+        fair = f"hint-fair {rates['hint_fair']:.1%}"
+        print(f"{spec or 'defaults':<32} layout {layout:.1%}, {fair} (1 / 2 / 3 objects: {by_count}; {twins}), n={n}")
 
 
 if __name__ == "__main__":

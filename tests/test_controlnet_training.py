@@ -1,6 +1,9 @@
 """The controlnet recipe (issue #15): initialisation from the base U-Net's encoder, the base frozen, hints made as
 ``control()`` makes them, checkpoints + resume, export; and the eval's cases."""
 
+import json
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -163,11 +166,111 @@ def test_eval_tally_splits_the_cells_measure_by_object_count():
         return Verdict([ObjectVerdict(stated, True, True, None, ok) for ok in cells], None)
 
     tally = Tally()
-    for cells in ([True], [True], [True, False], [True, True], [True, True, False]):
-        tally.add(verdict(cells))
+    scenes = ([True], [True], [True, False], [True, True], [True, True, False])
+    for cells, twins in zip(scenes, (False, False, True, False, True)):
+        tally.add(verdict(cells), twins)
     d = tally.to_dict()
     assert d["positions"] == 3 / 5 and d["n"] == 5
     assert d["positions_by_count"] == {"1": 1.0, "2": 0.5, "3": 0.0}
+    assert (d["positions_twins"], d["positions_distinct"], d["n_twins"]) == (0.0, 1.0, 2)
+    assert d["hint_fair"] == 3 / 5  # no hint-fair verdict given: the strict one
     table = control_table({"layout": {"controlnet": tally}})
-    assert table.splitlines()[0].split()[-6:] == ["pos", "1", "pos", "2", "pos", "3"]
-    assert table.splitlines()[1].split()[-3:] == ["100.0%", "50.0%", "0.0%"]
+    assert table.splitlines()[0].split()[-8:] == ["pos", "1", "pos", "2", "pos", "3", "twins", "distinct"]
+    assert table.splitlines()[1].split()[-5:] == ["100.0%", "50.0%", "0.0%", "0.0%", "100.0%"]
+    # the hint-fair column (a twin scene read fairly) and a run with no twin scene: "–" in the table, None in JSON
+    fair = Tally()
+    fair.add(verdict([True, False]), twins=True, hint_fair=True)
+    fair.add(verdict([True]))
+    assert fair.to_dict()["hint_fair"] == 1.0 and fair.to_dict()["positions"] == 0.5
+    line = control_table({"layout": {"controlnet": fair}}).splitlines()[1].split()
+    assert line[2:5] == ["100.0%", "50.0%", "100.0%"]  # colours, strict positions, hint-fair
+    lonely = Tally()
+    lonely.add(verdict([True]))
+    assert lonely.to_dict()["positions_twins"] is None
+    json.dumps(lonely.to_dict(), allow_nan=False)
+    assert control_table({"layout": {"controlnet": lonely}}).splitlines()[1].split()[-2:] == ["–", "100.0%"]
+
+
+def test_eval_cases_mark_twins_exactly_where_two_objects_share_shape_and_size():
+    from kandinsky3.eval.controlnet import control_cases
+    from kandinsky3.world import world_sample
+
+    cases = control_cases(60)
+    for case in cases:
+        scene = world_sample(case.index, "test", 64, num_objects=len(case.objects), complete_caption=True).scene
+        keys = [(o.shape, o.size) for o in scene.objects]
+        assert case.twins == any(keys.count(k) > 1 for k in keys)
+    assert not any(c.twins for c in cases if len(c.objects) == 1)
+    assert any(c.twins for c in cases)
+
+
+def test_hint_fair_reading_lets_twins_swap_colours_and_nothing_else():
+    """A render with two twin circles' colours exchanged has every colour in a cell its outline allows (hint-fair)
+    but not in the scene's own cells (strict); exchanging the colours of objects of different shapes fails both."""
+    from kandinsky3.eval.controlnet import hint_assignments
+    from kandinsky3.vocabulary import ParsedCaption, Stated
+    from kandinsky3.world import judge, render
+    from kandinsky3.world.scene import Scene, WorldObject
+
+    objs = [
+        WorldObject("red", "circle", "small", "top left"),
+        WorldObject("blue", "circle", "small", "bottom right"),
+        WorldObject("yellow", "star", "large", "center"),
+    ]
+    stated = tuple(Stated(o.color, o.shape, None, o.position) for o in objs)
+    sizes = tuple(o.size for o in objs)
+    placements = hint_assignments(stated, sizes)
+    assert placements[0] == stated and len(placements) == 2
+    assert [o.position for o in placements[1]] == ["bottom right", "top left", "center"]
+    # a large circle is no twin of a small one, and an object alone has one placement
+    assert len(hint_assignments(stated, ("small", "large", "large"))) == 1
+
+    def reads(scene_objects):
+        image = render(Scene("gray", tuple(scene_objects)), 64).image
+        strict = all(o.position for o in judge(image, ParsedCaption(stated, None)).objects)
+        fair = any(all(o.position for o in judge(image, ParsedCaption(p, None)).objects) for p in placements)
+        return strict, fair
+
+    twins_swapped = [
+        WorldObject(o.color, o.shape, o.size, p) for o, p in zip(objs, ["bottom right", "top left", "center"])
+    ]
+    assert reads(objs) == (True, True)
+    assert reads(twins_swapped) == (False, True)
+    star_swapped = [
+        WorldObject("yellow", "circle", "small", "top left"),
+        objs[1],
+        WorldObject("red", "star", "large", "center"),
+    ]
+    assert reads(star_swapped) == (False, False)
+
+
+def test_evaluate_control_reads_twins_both_ways_end_to_end():
+    """A stand-in ControlNet that draws every scene exactly but with its twins' colours exchanged: the strict layout
+    measure fails exactly the scenes with twins, the hint-fair one passes every scene."""
+    import types
+
+    from kandinsky3.eval.controlnet import control_cases, evaluate_control
+    from kandinsky3.world import render, world_sample
+    from kandinsky3.world.scene import Scene
+
+    num = 30
+    scenes = {}
+    for i in range(num):
+        scene = world_sample(i, "test", 64, num_objects=(1, 2, 1, 2, 3)[i % 5], complete_caption=True).scene
+        objects = list(scene.objects)
+        for a in range(len(objects)):
+            for b in range(a + 1, len(objects)):
+                if (objects[a].shape, objects[a].size) == (objects[b].shape, objects[b].size):
+                    pa, pb = objects[a].position, objects[b].position
+                    objects[a], objects[b] = replace(objects[a], position=pb), replace(objects[b], position=pa)
+        scenes[render(scene, 64).image.tobytes()] = Scene(scene.background, tuple(objects))
+
+    def control(hints, prompts, **_):
+        return [render(scenes[h.tobytes()], 64).image for h in hints]
+
+    pipe = types.SimpleNamespace(variant=types.SimpleNamespace(size=64), control=control)
+    tally = evaluate_control(pipe, num, baseline=False, progress=False, rows=("layout",))["layout"]["controlnet"]
+    twins = [c.twins for c in control_cases(num)]
+    assert any(twins) and not all(twins)
+    assert tally.positions == [int(not t) for t in twins]
+    assert tally.hint_fair == [1] * num

@@ -5,7 +5,10 @@ Each scene (the ``test`` split, never trained on) gives a hint — the soft edge
 
 - **layout**: the scene's complete caption with its position phrases removed. The judge looks for every object
   (by its colour) in the cell the scene put it in. ControlNet vs the plain model with the same caption and seeds
-  (which can only guess the cell: ≈ chance);
+  (which can only guess the cell: ≈ chance). Where two objects are twins (one shape and size) their outlines in the
+  hint differ only in edge strength (each colour's contrast with the background: a weak cue) and the caption does
+  not say which colour goes where, so the **hint-fair** reading also counts the twins' colours the other way round;
+  the strict one (``positions``) makes those scenes close to a coin toss. Both are reported;
 - **full caption**: colour + shape + position alignment with the complete caption, ControlNet vs plain;
 - **look changes**: the same hint, a caption (no positions) naming other colours for the objects — the judge looks
   for the new colours, and for them in the hinted cells.
@@ -13,8 +16,9 @@ Each scene (the ``test`` split, never trained on) gives a hint — the soft edge
 
 from __future__ import annotations
 
+import itertools
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..vocabulary import ParsedCaption, Stated
 from ..world import COLORS, judge, world_sample
@@ -34,6 +38,27 @@ class Case:
     look_caption: str
     objects: tuple[Stated, ...]  # colour, shape, position of the scene's objects
     look_objects: tuple[Stated, ...]  # the new colours, same shapes and positions
+    twins: bool = False  # two objects of one shape and size: a caption without positions does not say which colour
+    #                      goes to which, so the strict layout measure is near a coin toss there (docs/controlnet.md)
+    sizes: tuple[str, ...] = ()  # the objects' sizes (the hint shows them; the stated objects leave them unsaid)
+
+
+def hint_assignments(objects: tuple[Stated, ...], sizes: tuple[str, ...]) -> list[tuple[Stated, ...]]:
+    """Every placement of the stated objects that the hint and a caption without positions allow: the scene's own
+    first, then those that exchange the cells of twins (objects of one shape and size, whose outlines in the hint
+    differ only in edge strength)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (o, size) in enumerate(zip(objects, sizes)):
+        groups.setdefault((o.shape, size), []).append(i)
+    placements = [list(objects)]
+    for members in groups.values():
+        cells = [objects[i].position for i in members]
+        placements = [
+            [replace(o, position=order[members.index(i)]) if i in members else o for i, o in enumerate(placement)]
+            for placement in placements
+            for order in itertools.permutations(cells)
+        ]
+    return [tuple(p) for p in placements]
 
 
 def _recolour(scene, rng: random.Random) -> list[str]:
@@ -70,6 +95,8 @@ def control_cases(num: int, split: str = "test", size: int = 64, seed: int = 0) 
                 _caption([(c, o.shape, o.size) for c, o in zip(new, scene.objects)], scene.background),
                 objects,
                 look_objects,
+                twins=len({(o.shape, o.size) for o in scene.objects}) < len(scene.objects),
+                sizes=tuple(o.size for o in scene.objects),
             )
         )
     return cases
@@ -78,19 +105,25 @@ def control_cases(num: int, split: str = "test", size: int = 64, seed: int = 0) 
 @dataclass
 class Tally:
     """Per scene: every object found by its colour, every one in its cell, every stated attribute right; and its
-    number of objects, so the cells measure splits by it (multi-object scenes are where binding fails,
+    number of objects and whether two of them are twins (one shape and size), so the cells measure splits by them
+    (multi-object scenes are where binding fails; twins are where a caption without positions is ambiguous,
     docs/controlnet.md)."""
 
     colours: list = field(default_factory=list)
     positions: list = field(default_factory=list)
     aligned: list = field(default_factory=list)
     object_counts: list = field(default_factory=list)
+    twins: list = field(default_factory=list)
+    hint_fair: list = field(default_factory=list)
 
-    def add(self, verdict: Verdict):
+    def add(self, verdict: Verdict, twins: bool = False, hint_fair: bool | None = None):
+        """``hint_fair``: every object in a cell the hint allows it (its own or a twin's; default: its own)."""
         self.colours.append(int(all(o.color for o in verdict.objects)))
         self.positions.append(int(all(o.position for o in verdict.objects)))
+        self.hint_fair.append(int(self.positions[-1] if hint_fair is None else hint_fair))
         self.aligned.append(int(verdict.aligned))
         self.object_counts.append(len(verdict.objects))
+        self.twins.append(bool(twins))
 
     @staticmethod
     def rate(values) -> float:
@@ -101,11 +134,30 @@ class Tally:
         counts = self.object_counts
         return {n: self.rate([p for p, k in zip(self.positions, counts) if k == n]) for n in sorted(set(counts))}
 
+    def positions_by_twins(self) -> dict[str, float]:
+        """The strict cells measure over the scenes with twins and over the rest, and how many scenes hold twins."""
+        twins = [p for p, t in zip(self.positions, self.twins) if t]
+        distinct = [p for p, t in zip(self.positions, self.twins) if not t]
+        return {"positions_twins": self.rate(twins), "positions_distinct": self.rate(distinct), "n_twins": len(twins)}
+
     def to_dict(self) -> dict:
-        """The rates; ``positions_by_count`` keyed by the count as a string (as JSON keeps it)."""
-        rates = {k: self.rate(getattr(self, k)) for k in ("colours", "positions", "aligned")}
-        by_count = {str(n): rate for n, rate in self.positions_by_count().items()}
-        return rates | {"n": len(self.colours), "positions_by_count": by_count}
+        """The rates (None where no scene counts, so ``--json`` stays valid JSON); ``positions_by_count`` keyed by
+        the count as a string (as JSON keeps it)."""
+        rates = {k: self.rate(getattr(self, k)) for k in ("colours", "positions", "hint_fair", "aligned")}
+        rates |= {"positions_by_count": {str(n): r for n, r in self.positions_by_count().items()}}
+        rates |= self.positions_by_twins()
+        return {"n": len(self.colours)} | {k: _no_nan(v) for k, v in rates.items()}
+
+
+def _no_nan(value):
+    """NaN (a rate over no scenes) as None, inside dicts too."""
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    return None if isinstance(value, float) and value != value else value
+
+
+def _percent(value, width: int) -> str:
+    return f"{'–':>{width}}" if value is None else f"{value:>{width}.1%}"
 
 
 def evaluate_control(
@@ -148,30 +200,37 @@ def evaluate_control(
                 runs["plain"] = lambda: pipe.generate(prompts, seed=seeds, **settings)
             for name, run in runs.items():
                 for case, image in zip(chunk, run()):
+                    fair = None
                     if row == "full caption":
                         verdict = judge(image, case.full_caption)
                     else:
-                        verdict = judge(image, ParsedCaption(getattr(case, stated), None))
-                    results[row][name].add(verdict)
+                        objects = getattr(case, stated)
+                        verdict = judge(image, ParsedCaption(objects, None))
+                        fair = all(o.position for o in verdict.objects) or any(
+                            all(o.position for o in judge(image, ParsedCaption(placement, None)).objects)
+                            for placement in hint_assignments(objects, case.sizes)[1:]
+                        )
+                    results[row][name].add(verdict, case.twins, fair)
                 bar.update(len(chunk))
     bar.close()
     return results
 
 
 def control_table(results: dict[str, dict[str, Tally]]) -> str:
-    """One line per measure and model; ``pos k`` = the positions column over the scenes of k objects."""
+    """One line per measure and model; ``hint-fair`` = every object in a cell the hint allows it (a twin's counts);
+    ``pos k`` = the positions column over the scenes of k objects, ``twins`` / ``distinct`` over the scenes with /
+    without two objects of one shape and size."""
     counts = sorted({n for tallies in results.values() for t in tallies.values() for n in t.object_counts})
-    head = "".join(f"{f'pos {n}':>8}" for n in counts)
-    lines = [f"{'':<15}{'':<12}{'colours':>10}{'positions':>11}{'aligned':>10}{'n':>6}{head}"]
+    head = "".join(f"{f'pos {n}':>8}" for n in counts) + f"{'twins':>8}{'distinct':>10}"
+    lines = [f"{'':<15}{'':<12}{'colours':>10}{'positions':>11}{'hint-fair':>11}{'aligned':>10}{'n':>6}{head}"]
     for row, tallies in results.items():
         for name, tally in tallies.items():
             d = tally.to_dict()
-            split = "".join(f"{d['positions_by_count'].get(str(n), float('nan')):>8.1%}" for n in counts)
-            lines.append(
-                f"{row:<15}{name:<12}{d['colours']:>10.1%}{d['positions']:>11.1%}{d['aligned']:>10.1%}{d['n']:>6}"
-                + split
-            )
+            split = "".join(_percent(d["positions_by_count"].get(str(n)), 8) for n in counts)
+            split += _percent(d["positions_twins"], 8) + _percent(d["positions_distinct"], 10)
+            rates = _percent(d["colours"], 10) + _percent(d["positions"], 11) + _percent(d["hint_fair"], 11)
+            lines.append(f"{row:<15}{name:<12}{rates}{_percent(d['aligned'], 10)}{d['n']:>6}{split}")
     return "\n".join(lines)
 
 
-__all__ = ["Case", "Tally", "control_cases", "control_table", "evaluate_control"]
+__all__ = ["Case", "Tally", "control_cases", "control_table", "evaluate_control", "hint_assignments"]
