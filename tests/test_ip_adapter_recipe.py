@@ -71,6 +71,8 @@ def test_world_references_read_object_counts_and_complete_captions():
     plain = WorldReferences(6, "train", 64, "same")
     assert plain.captions == [world_sample(i).caption for i in range(6)]
     assert torch.equal(plain.tensors["reference"], plain.tensors["image"])
+    twins = WorldReferences(6, "train", 64, "same", object_counts=(2,), twins_share=1.0)
+    assert twins.captions == [world_sample(i, num_objects=2, twins=True).caption for i in range(6)]
 
 
 def test_object_weight_weights_the_loss_towards_the_pictures_objects(tmp_path, clip_folder):

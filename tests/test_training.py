@@ -519,9 +519,50 @@ def test_world_data_object_counts_and_complete_captions():
     assert any(o.color is None or o.size is None for c in default.captions for o in parse_caption(c).objects)
 
 
+def test_world_data_twins_share():
+    """``data.twins_share`` makes that share of the multi-object scenes hold twins (first two objects of one shape
+    and size) and leaves every other scene — and every scene at share 0 — exactly the world's own draw; twins keep
+    the world's rules (distinct colours and cells, no held-out colour + shape pair in train)."""
+    from kandinsky3.training.config import DataConfig
+    from kandinsky3.training.data import make_dataset
+    from kandinsky3.world import world_sample
+    from kandinsky3.world.dataset import ShapesDataset, to_tensor
+    from kandinsky3.world.scene import HELD_OUT_PAIRS
+
+    counts = (2, 3)
+    plain = ShapesDataset(200, object_counts=counts)
+    half = ShapesDataset(200, object_counts=counts, twins_share=0.5)
+    made, kept = 0, 0
+    for i in range(200):
+        own = world_sample(i, "train", 64, num_objects=counts[i % 2])
+        twinned = world_sample(i, "train", 64, num_objects=counts[i % 2], twins=True)
+        a, b = twinned.scene.objects[:2]
+        assert (a.shape, a.size) == (b.shape, b.size)
+        assert (
+            len({o.color for o in twinned.scene.objects})
+            == len({o.position for o in twinned.scene.objects})
+            == counts[i % 2]
+        )
+        assert not any((o.color, o.shape) in HELD_OUT_PAIRS for o in twinned.scene.objects)
+        assert plain[i]["caption"] == own.caption
+        if half[i]["caption"] == twinned.caption and torch.equal(half[i]["image"], to_tensor(twinned.image)):
+            made += 1
+        elif half[i]["caption"] == own.caption and torch.equal(half[i]["image"], to_tensor(own.image)):
+            kept += 1
+    assert made + kept == 200 and 70 <= made <= 130  # 0.5 of 200, within ≈ 4 sd
+    everyone = make_dataset(DataConfig(length=6, object_counts=(1, 2), twins_share=1.0))
+    for i, caption in enumerate(everyone.captions):
+        assert caption == world_sample(i, "train", 64, num_objects=(1, 2)[i % 2], twins=True).caption
+    # one object: nothing to twin, the scene is the world's own
+    assert world_sample(0, "train", 64, num_objects=1, twins=True).scene == world_sample(0, "train", 64, 1).scene
+
+
 @pytest.mark.parametrize(
     "recipe, data, message",
     [
+        ("movq", {"twins_share": 1.5}, "data.twins_share must be a share from 0 to 1"),
+        ("movq", {"source": "folder", "path": "x", "twins_share": 0.5}, "options of data.source=world"),
+        ("clip", {"twins_share": 0.5}, "the clip recipe builds its own world samples"),
         ("movq", {"object_counts": [0, 2]}, "data.object_counts must list object counts from 1 to 3"),
         ("movq", {"object_counts": [4]}, "data.object_counts must list object counts from 1 to 3"),
         ("movq", {"object_counts": []}, "data.object_counts must list object counts"),

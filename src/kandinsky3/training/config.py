@@ -31,6 +31,7 @@ class DataConfig:
     cache: bool = True  # world: render once into memory
     object_counts: tuple[int, ...] | None = None  # world: scene i has object_counts[i % len] objects (None: drawn)
     complete_captions: bool = False  # world: every object's size, colour, position and the background stated
+    twins_share: float = 0.0  # world: share of multi-object scenes whose first two objects share shape and size
 
 
 @dataclass
@@ -175,14 +176,18 @@ class TrainConfig:
             counts is None or (len(counts) > 0 and all(1 <= n <= MAX_WORLD_OBJECTS for n in counts)),
             f"data.object_counts must list object counts from 1 to {MAX_WORLD_OBJECTS}, got {counts}",
         )
-        if counts is not None or d.complete_captions:
+        need(0.0 <= d.twins_share <= 1.0, f"data.twins_share must be a share from 0 to 1, got {d.twins_share}")
+        if counts is not None or d.complete_captions or d.twins_share:
             from .recipes import RECIPES
 
-            need(d.source == "world", "data.object_counts and data.complete_captions are options of data.source=world")
+            need(
+                d.source == "world",
+                "data.object_counts, data.complete_captions and data.twins_share are options of data.source=world",
+            )
             need(
                 RECIPES[self.recipe].reads_plain_world_data(),
-                f"the {self.recipe} recipe builds its own world samples and reads neither data.object_counts nor "
-                "data.complete_captions: remove them",
+                f"the {self.recipe} recipe builds its own world samples and reads none of data.object_counts, "
+                "data.complete_captions, data.twins_share: remove them",
             )
         check = getattr(self.model, "validate", None)
         if check is not None:

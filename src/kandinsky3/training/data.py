@@ -71,7 +71,9 @@ class InMemory(torch.utils.data.Dataset):
 def make_dataset(cfg, extra_sizes: tuple[int, ...] = ()) -> torch.utils.data.Dataset:
     """The dataset a ``config.DataConfig`` describes (``extra_sizes``: more render sizes of each world scene)."""
     if cfg.source == "world":
-        ds = ShapesDataset(cfg.length, cfg.split, cfg.size, extra_sizes, cfg.object_counts, cfg.complete_captions)
+        ds = ShapesDataset(
+            cfg.length, cfg.split, cfg.size, extra_sizes, cfg.object_counts, cfg.complete_captions, cfg.twins_share
+        )
         return InMemory(ds, cfg.num_workers) if cfg.cache else ds
     if cfg.source == "folder":
         if not cfg.path:

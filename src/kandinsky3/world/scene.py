@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -46,10 +46,14 @@ class Scene:
         return asdict(self)
 
 
-def sample_scene(rng: random.Random, num_objects: int | None = None, split: str = "train") -> Scene:
+def sample_scene(
+    rng: random.Random, num_objects: int | None = None, split: str = "train", twins: bool = False
+) -> Scene:
     """A random scene. Objects have distinct colours and cells; the background differs from every object.
 
     split: "train" never draws a held-out colour+shape pair; "held_out" draws at least one; "any" draws freely.
+    twins: the second object takes the first one's shape and size (in scenes of two or more objects), so a caption
+    without positions cannot tell them apart; False draws exactly as before (the same scenes from the same seeds).
     """
     n = num_objects or rng.choice((1, 1, 2, 2, 3))
     for _ in range(1000):
@@ -58,6 +62,9 @@ def sample_scene(rng: random.Random, num_objects: int | None = None, split: str 
             WorldObject(c, rng.choice(SHAPES), rng.choice(tuple(SIZES)), p)
             for c, p in zip(colors, rng.sample(POSITIONS, n))
         )
+        if twins and n >= 2:
+            first = objects[0]
+            objects = (first, replace(objects[1], shape=first.shape, size=first.size), *objects[2:])
         held = [(o.color, o.shape) in HELD_OUT_PAIRS for o in objects]
         if (split == "train" and any(held)) or (split == "held_out" and not any(held)):
             continue

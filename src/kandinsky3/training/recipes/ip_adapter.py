@@ -33,7 +33,7 @@ from ...models.ip_adapter import IPAdapter, IPAdapterConfig
 from ...models.seeding import drawing_from
 from ...world import BACKGROUNDS, caption_scene, render
 from ...world.captions import BACKGROUND_TEMPLATES
-from ...world.dataset import SPLIT_SEEDS, to_tensor, world_sample
+from ...world.dataset import SPLIT_SEEDS, makes_twins, to_tensor, world_sample
 from ...world.judge import judge
 from ..object_weighting import batch_pixel_weight, check_object_weight, object_coverage, weighted_square_error
 from .base import Recipe, image_grid, load_frozen
@@ -100,13 +100,14 @@ class WorldReferences(torch.utils.data.Dataset):
         reference: str,
         object_counts: tuple[int, ...] | None = None,
         complete_captions: bool = False,
+        twins_share: float = 0.0,
     ):
         from tqdm.auto import tqdm
 
         images, refs, self.captions, self.backgrounds = [], [], [], []
         for i in tqdm(range(length), desc="rendering", leave=False):
             count = object_counts[i % len(object_counts)] if object_counts else None
-            s = world_sample(i, split, size, num_objects=count, complete_caption=complete_captions)
+            s = world_sample(i, split, size, count, complete_captions, makes_twins(i, twins_share))
             rng = random.Random(SPLIT_SEEDS[split] * 17 + i)
             images.append(to_tensor(s.image))
             ref = s.image if reference == "same" else render(new_background(s.scene, rng), size).image
@@ -163,12 +164,14 @@ class IPAdapterRecipe(Recipe):
 
     @classmethod
     def reads_plain_world_data(cls) -> bool:
-        return True  # WorldReferences reads data.object_counts and data.complete_captions like the plain world data
+        return True  # WorldReferences reads data.object_counts, complete_captions, twins_share as the world data does
 
     def make_dataset(self):
         d, p = self.cfg.data, self.params
         if d.source == "world":
-            return WorldReferences(d.length, d.split, d.size, p.reference, d.object_counts, d.complete_captions)
+            return WorldReferences(
+                d.length, d.split, d.size, p.reference, d.object_counts, d.complete_captions, d.twins_share
+            )
         return super().make_dataset()
 
     @torch.no_grad()
