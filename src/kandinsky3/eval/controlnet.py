@@ -38,9 +38,13 @@ class Case:
     look_caption: str
     objects: tuple[Stated, ...]  # colour, shape, position of the scene's objects
     look_objects: tuple[Stated, ...]  # the new colours, same shapes and positions
-    twins: bool = False  # two objects of one shape and size: a caption without positions does not say which colour
-    #                      goes to which, so the strict layout measure is near a coin toss there (docs/controlnet.md)
     sizes: tuple[str, ...] = ()  # the objects' sizes (the hint shows them; the stated objects leave them unsaid)
+
+    @property
+    def twins(self) -> bool:
+        """Two objects of one shape and size: a caption without positions does not say which colour goes to which,
+        so the strict layout measure is near a coin toss there (docs/controlnet.md)."""
+        return len(hint_assignments(self.objects, self.sizes)) > 1
 
 
 def hint_assignments(objects: tuple[Stated, ...], sizes: tuple[str, ...]) -> list[tuple[Stated, ...]]:
@@ -95,7 +99,6 @@ def control_cases(num: int, split: str = "test", size: int = 64, seed: int = 0) 
                 _caption([(c, o.shape, o.size) for c, o in zip(new, scene.objects)], scene.background),
                 objects,
                 look_objects,
-                twins=len({(o.shape, o.size) for o in scene.objects}) < len(scene.objects),
                 sizes=tuple(o.size for o in scene.objects),
             )
         )
