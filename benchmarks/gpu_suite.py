@@ -15,8 +15,11 @@ fan-in-scaled normal init; nothing is downloaded). Sections, in the order they r
                   256 → 1024
   budget16        base pipeline in the 16 GB preset: offload, 8-bit encoder if bitsandbytes, tiled decode
   unet_graph      ours replayed from a CUDA graph vs ours eager (the U-Net makes no host sync)
+  pipelines_graph base and Flash 1024², batch 1, with ``cuda_graph=True`` vs eager, alternating; max |Δ| of pixels
   unet_compiled   ours torch.compile vs diffusers torch.compile (same weights as unet_step)
   training        nano U-Net training step (bf16 autocast, AdamW): samples/s eager vs torch.compile
+  profile         torch.profiler over one eager U-Net step and a 3-step base pipeline: the ops with the most
+                  device and host time, written to profile.txt (where the sampler loop's time goes)
 
 Every row carries its FLOPs (counted once with ``torch.utils.flop_counter.FlopCounterMode`` on the meta device, or
 composed from such counts for whole pipelines), achieved TFLOP/s and MFU against the GPU's dense bf16 peak (H100
@@ -60,8 +63,10 @@ SECTIONS = (
     "superres",
     "budget16",
     "unet_graph",
+    "pipelines_graph",
     "unet_compiled",
     "training",
+    "profile",
 )
 
 # dense bf16 tensor-core peaks (TFLOP/s), matched against torch.cuda.get_device_name()
@@ -384,9 +389,7 @@ class Suite:
 
     def run(self, names) -> dict:
         print(f"gpu_suite on {self.device_name}, {self.dtype_name}, {'smoke' if self.sizes.smoke else 'full size'}")
-        for name in SECTIONS:
-            if name not in names:
-                continue
+        for name in dict.fromkeys(names):  # in the order asked for (the GPU minutes go to the first ones)
             info = {"status": "ok"}
             t0 = time.perf_counter()
             n_rows = len(self.rows)
@@ -604,8 +607,12 @@ class Suite:
         diff = max_abs(ref, outs["diffusers"])
         scale = ref.float().abs().max().item()
         mem_o, mem_d = measure_peak(run_ours, self.device), measure_peak(run_theirs, self.device)
+        exact = self._fp32_reference(ours, x, t, ctx, mask)  # the same weights computed in fp32
+        err_o, err_d = max_abs(ref, exact), max_abs(outs["diffusers"], exact)
         common = dict(batch=2, latent=latent, tokens=self.sizes.tokens, dtype=self.dtype_name, params=params)
-        self.row(s, "diffusers Kandinsky3UNet eager", med["diffusers"], flops, **mem_d, **common)
+        self.row(
+            s, "diffusers Kandinsky3UNet eager", med["diffusers"], flops, max_abs_err_vs_fp32=err_d, **mem_d, **common
+        )
         self.row(
             s,
             "ours eager",
@@ -615,10 +622,28 @@ class Suite:
             max_abs_diff_vs_diffusers=diff,
             max_abs_output=scale,
             relative_diff=diff / scale if scale else None,
+            max_abs_err_vs_fp32=err_o,
+            err_ratio_vs_diffusers=err_o / err_d if err_d else None,
             **mem_o,
             **common,
         )
         self.eager_unet = med
+
+    def _fp32_reference(self, net, x, t, ctx, mask):
+        """``net``'s output computed in fp32 (TF32 off) from its own weights: the yardstick for the rounding of
+        both bf16 implementations (in a 3B net, two bf16 kernel orders differ by more than one bf16 ulp)."""
+        import copy
+
+        exact = copy.deepcopy(net).float()
+        tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            with torch.no_grad():
+                return exact(x.float(), t, ctx.float(), mask).float()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+            del exact
+            free_cuda()
 
     def section_unet_graph(self):
         """Ours replayed from a CUDA graph, alternating with ours eager. A separate late section: a capture that
@@ -806,7 +831,38 @@ class Suite:
         ref = outs["a"]
         mem = measure_peak(run, self.device)
         self.row(s, f"T5 encoder {self.dtype_name}", med["a"], flops, params=params, tokens=tokens, **mem)
+        self.guarded(s, "T5 encoder streamed", lambda: self._t5_streamed(s, enc, ids, mask, ref, flops, tokens))
         self.guarded(s, "T5 encoder 8-bit (bitsandbytes)", lambda: self._t5_8bit(s, enc, run, ref, flops, tokens))
+
+    def _t5_streamed(self, s, enc, ids, mask, ref, flops, tokens):
+        """The memory="16gb" preset's encoder: weights in pinned CPU memory, one block at a time on the device
+        (``kandinsky3.offload.streamed``); the first run pins the masters and is not timed."""
+        import copy
+
+        from kandinsky3.offload import streamed
+
+        cpu = copy.deepcopy(enc).to("cpu")
+        free_cuda()
+        try:
+
+            def run_streamed():
+                with streamed(cpu, self.device):
+                    return cpu(input_ids=ids, attention_mask=mask).last_hidden_state
+
+            med, outs = side_by_side({"s": run_streamed}, self.device, self.repeats, max(1, self.sizes.warmup))
+            mem = measure_peak(run_streamed, self.device)
+            return self.row(
+                s,
+                f"T5 encoder {self.dtype_name} streamed from the CPU, one block at a time",
+                med["s"],
+                flops,
+                max_abs_diff_vs_resident=max_abs(outs["s"], ref),
+                weights_gib=sum(p.numel() * p.element_size() for p in cpu.parameters()) / 2**30,
+                tokens=tokens,
+                **mem,
+            )
+        finally:
+            free_cuda()  # (the CPU copy goes with this frame)
 
     def _t5_8bit(self, s, enc, run, ref, flops, tokens):
         why = bnb_unavailable(self.device)
@@ -842,7 +898,7 @@ class Suite:
 
     # -- whole pipelines ------------------------------------------------------------------------------------------
 
-    def pipeline(self, kind: str, offload=False, movq_tiling=False, text_encoder=None, device=None):
+    def pipeline(self, kind: str, offload=False, movq_tiling=False, text_encoder=None, device=None, cuda_graph=False):
         from kandinsky3 import Kandinsky3
         from kandinsky3.checkpoints import Components
 
@@ -853,6 +909,7 @@ class Suite:
             device=device or self.device,
             offload=offload,
             movq_tiling=movq_tiling,
+            cuda_graph=cuda_graph,
         )
 
     def _pipeline_flops(self, kind, batch, steps, guided, tokens, inpaint=False, tiled=False) -> int | None:
@@ -918,6 +975,46 @@ class Suite:
 
             self.guarded(s, f"{kind} pipeline", one)
 
+    def section_pipelines_graph(self):
+        """Base and Flash with the U-Net step replayed from CUDA graphs (``Kandinsky3(..., cuda_graph=True)``),
+        alternating with the same pipeline eager; the first graphed run (the capture) is the warm-up."""
+        s = "pipelines_graph"
+        if not self.cuda:
+            raise Skip("CUDA graphs need a CUDA device")
+        self.drop("pair")
+        tokens = len(self.text_encoder("base").tokenize([PROMPT])[1].nonzero()) + 1
+        for kind in ("base", "flash"):
+
+            def one(kind=kind):
+                eager, graphed = self.pipeline(kind), self.pipeline(kind, cuda_graph=True)
+                steps = self.sizes.steps[kind]
+                with torch.no_grad():
+                    med, outs = side_by_side(
+                        {
+                            "graph": lambda: self._run_pipeline(graphed, kind, 1, steps),
+                            "eager": lambda: self._run_pipeline(eager, kind, 1, steps),
+                        },
+                        self.device,
+                        max(1, min(self.repeats, 3)),
+                        max(1, self.sizes.warmup),
+                    )
+                from kandinsky3.images import pil_to_tensor
+
+                diff = max_abs(pil_to_tensor(outs["graph"][0]), pil_to_tensor(outs["eager"][0])) * 127.5
+                guided = kind != "flash"
+                flops = self._pipeline_flops(kind, 1, steps, guided, tokens)
+                return self.row(
+                    s,
+                    f"{kind} {self.sizes.image}² {steps} steps{' + guidance' if guided else ''}, batch 1, CUDA graph",
+                    med["graph"],
+                    flops,
+                    speedup_vs_eager=med["eager"] / med["graph"],
+                    eager_seconds=med["eager"],
+                    max_abs_diff_levels=diff,
+                )
+
+            self.guarded(s, f"{kind} pipeline, CUDA graph", one)
+
     # -- KandiSuperRes --------------------------------------------------------------------------------------------
 
     def section_superres(self):
@@ -959,112 +1056,167 @@ class Suite:
             return count_flops(lambda: m(*args))
 
         sr_params = sum(p.numel() for p in unet.parameters())
-        for src, geometries in (
-            (self.sizes.sr_in, ((self.sizes.sr_window, self.sizes.sr_stride), (0, 0))),
-            (self.sizes.sr_small_in, ((self.sizes.sr_window, self.sizes.sr_stride),)),
+        references = {}
+        official = (self.sizes.sr_window, self.sizes.sr_stride)
+        # the whole 4K image last, timed once with no warm-up: on 2026-12-04 (H200) it outlasted the call's limit
+        for src, window, stride in (
+            (self.sizes.sr_in, *official),
+            (self.sizes.sr_small_in, *official),
+            (self.sizes.sr_in, 0, 0),
         ):
             lr = image(src)
             out_side = src * 4
-            reference = None
-            for window, stride in geometries:
-                views = len(get_views(out_side, out_side, window, stride)) if window else 1
-                flops = steps * (views * window_flops(window) if window else window_flops(out_side))
+            whole = not window
+            if whole and not self.sizes.smoke and self.left() < 120:
+                self.row(s, f"{src} → {out_side} whole image", skip="under 120 s of the time budget left")
+                continue
+            views = len(get_views(out_side, out_side, window, stride)) if window else 1
+            flops = steps * (views * window_flops(window) if window else window_flops(out_side))
 
-                def run(window=window, stride=stride):
-                    return sr.upscale(lr, 4, seed=0, window=window, stride=stride, blend="uniform", progress=False)
+            def run(window=window, stride=stride):
+                return sr.upscale(lr, 4, seed=0, window=window, stride=stride, blend="uniform", progress=False)
 
-                def one(window=window, stride=stride, views=views, flops=flops, run=run):
-                    nonlocal reference
-                    repeats = max(1, min(self.repeats, 2))
-                    with torch.no_grad():
-                        if self.sizes.warmup:
-                            run()  # warm-up (cudnn autotune for each view-batch shape)
-                        mem = {}
-                        times = []
-                        with peak_memory(self.device, mem):
-                            for _ in range(repeats):
-                                sync(self.device)
-                                t0 = time.perf_counter()
-                                image = run()
-                                sync(self.device)
-                                times.append(time.perf_counter() - t0)
-                        out = pil_to_tensor(image)
-                    extra = {}
-                    if reference is None:
-                        reference = out
-                    else:
-                        extra["psnr_vs_official_tiling_db"] = psnr(out, reference)
-                    name = f"{src} → {out_side} " + (
-                        f"windows {window}:{stride} ({views} views)" if window else "whole image"
-                    )
-                    return self.row(
-                        s,
-                        name,
-                        statistics.median(times),
-                        flops,
-                        views=views,
-                        steps=steps,
-                        params=sr_params,
-                        **extra,
-                        **mem,
-                    )
+            def one(window=window, stride=stride, views=views, flops=flops, run=run, src=src, whole=whole):
+                repeats = 1 if whole else max(1, min(self.repeats, 2))
+                with torch.no_grad():
+                    if self.sizes.warmup and not whole:
+                        run()  # warm-up (cudnn autotune for each view-batch shape)
+                    mem = {}
+                    times = []
+                    with peak_memory(self.device, mem):
+                        for _ in range(repeats):
+                            sync(self.device)
+                            t0 = time.perf_counter()
+                            image = run()
+                            sync(self.device)
+                            times.append(time.perf_counter() - t0)
+                    out = pil_to_tensor(image)
+                extra = {}
+                if src not in references:
+                    references[src] = out
+                else:
+                    extra["psnr_vs_official_tiling_db"] = psnr(out, references[src])
+                name = f"{src} → {out_side} " + (
+                    f"windows {window}:{stride} ({views} views)" if window else "whole image"
+                )
+                return self.row(
+                    s,
+                    name,
+                    statistics.median(times),
+                    flops,
+                    views=views,
+                    steps=steps,
+                    params=sr_params,
+                    **extra,
+                    **mem,
+                )
 
-                self.guarded(s, f"{src} → {out_side} {window}:{stride}", one)
+            self.guarded(s, f"{src} → {out_side} {window}:{stride}", one)
+
+    # -- where the time goes ----------------------------------------------------------------------------------------
+
+    def section_profile(self):
+        """One eager U-Net step (batch 2) and a 3-step base pipeline (batch 1) under ``torch.profiler``: per op, the
+        device time and the host time; the tables go to ``profile.txt``, a summary row per run to the results."""
+        from torch.profiler import ProfilerActivity, profile
+
+        s = "profile"
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        device_key = "self_device_time_total" if self.cuda else "self_cpu_time_total"
+        ours, _theirs, x, t, _raw, ctx, mask = self._diffusers_pair()
+        pipe = self.pipeline("base")
+        runs = {
+            "U-Net step, batch 2": lambda: ours(x, t, ctx, mask),
+            "base pipeline, 3 steps + guidance, batch 1": lambda: self._run_pipeline(pipe, "base", 1, 3),
+        }
+        texts = []
+        for name, fn in runs.items():
+            with torch.no_grad():
+                fn()  # warm-up
+                sync(self.device)
+                wall = time.perf_counter()
+                with profile(activities=activities) as prof:
+                    fn()
+                    sync(self.device)
+                wall = time.perf_counter() - wall
+            events = prof.key_averages()
+            # device time: the kernel rows only (an op's row repeats its kernels' time), as torch's own table sums
+            kernel_rows = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+            device_us = sum(e.self_device_time_total for e in kernel_rows)
+            kernels = sum(e.count for e in kernel_rows) if self.cuda else None
+            texts += [f"## {name}: {wall * 1e3:.1f} ms wall under the profiler", ""]
+            for key in ([device_key] if self.cuda else []) + ["self_cpu_time_total"]:
+                texts += [f"### by {key}", events.table(sort_by=key, row_limit=25, max_name_column_width=70), ""]
+            self.row(
+                s,
+                name,
+                wall,
+                None,
+                device_busy_ms=device_us / 1e3 if self.cuda else None,
+                device_busy_share=device_us / 1e6 / wall if self.cuda and wall else None,
+                kernel_launches=kernels,
+            )
+        if self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "profile.txt").write_text("\n".join(texts))
 
     # -- the 16 GB preset -----------------------------------------------------------------------------------------
 
     def section_budget16(self):
-        """Base pipeline as a 16 GB card would run it: weights on the CPU, each component moved to the GPU only
-        while it runs (``offload=True``), U-Net and MoVQ bf16, MoVQ decode tiled, 8-bit T5 if bitsandbytes imports.
-        Every other model of the suite is dropped first so that max_memory_allocated is this pipeline's alone."""
+        """The base pipeline in the ``memory="16gb"`` preset of ``Kandinsky3.from_pretrained``: bf16 U-Net and MoVQ
+        resident, the bf16 T5 kept in (pinned) CPU memory and streamed to the GPU one block at a time while it
+        encodes, MoVQ decode tiled. Every other model of the suite is dropped first, so max_memory_allocated is
+        this pipeline's alone. One untimed warm-up run (it pins the encoder's masters), then the timed runs."""
         s = "budget16"
-        if not self.cuda:
-            cpu_note = "peak memory is a CUDA figure; on a CPU the offload path runs for the smoke check only"
-        else:
-            cpu_note = None
-        cpu = torch.device("cpu")
+        from kandinsky3 import Kandinsky3
+        from kandinsky3.checkpoints import Components
+        from kandinsky3.pipeline import MEMORY_PRESETS
+
+        preset = MEMORY_PRESETS["16gb"](self.device)
         unet = self.unet("base")
         movq = self.movq()
         enc = self.t5()
         self.cache.clear()
         free_cuda()
-        unet.to(cpu)
-        movq.to(cpu)
-        why = bnb_unavailable(self.device)
-        quantized = why is None
-        if quantized:
-            enc = quantize_8bit(enc, self.device)
-            note = ["T5 8-bit (bitsandbytes), resident on the GPU: bnb int8 weights are not offloaded"]
-        else:
-            enc.to(cpu)
-            note = [f"T5 {self.dtype_name}, offloaded (no 8-bit: {why})"]
+        te = self.text_encoder("base", encoder=enc.to("cpu"), device=torch.device("cpu"))
+        del enc
         free_cuda()
-        te = self.text_encoder("base", encoder=enc, device=self.device if quantized else cpu)
-        from kandinsky3 import Kandinsky3
-        from kandinsky3.checkpoints import Components
-
         pipe = Kandinsky3(
-            Components(self.variant("base"), unet, movq, te), device=self.device, offload=True, movq_tiling=True
+            Components(self.variant("base"), unet, movq, te),
+            device=self.device,
+            offload=preset["offload"],
+            movq_tiling=preset["movq_tiling"],
+            stream_text_encoder=preset["stream_text_encoder"],
         )
-        # the 8-bit encoder stays where bitsandbytes put it (Kandinsky3.placed leaves quantized modules alone);
-        # offload moves U-Net and MoVQ only: the memory="16gb" preset of Kandinsky3.from_pretrained
         baseline = torch.cuda.memory_allocated() / 2**30 if self.cuda else None
         steps = self.sizes.steps["base"]
+        with torch.no_grad():
+            self._run_pipeline(pipe, "base", 1, min(steps, 2))  # warm-up: pins the T5 masters, cudnn autotune
+
+            def encode():
+                with pipe.placed(te):
+                    return te.encode([PROMPT], None)[0]
+
+            encode_seconds = statistics.median(clock(encode, self.device) for _ in range(max(1, self.repeats // 2)))
         mem = {}
+        times = []
         with torch.no_grad(), peak_memory(self.device, mem):
-            seconds = clock(lambda: self._run_pipeline(pipe, "base", 1, steps), self.device)
+            for _ in range(max(1, min(self.repeats, 2))):
+                times.append(clock(lambda: self._run_pipeline(pipe, "base", 1, steps), self.device))
         tokens = len(te.tokenize([PROMPT])[1].nonzero()) + 1
         flops = self._pipeline_flops("base", 1, steps, True, tokens, tiled=True)
         peak = mem["peak_gib"]
         self.row(
             s,
             f"base {self.sizes.image}² {steps} steps + guidance, batch 1, 16 GB preset",
-            seconds,
+            statistics.median(times),
             flops,
             baseline_gib=baseline,
             target_peak_gib=15.0,
             meets_target=None if peak is None else peak <= 15.0,
-            note="; ".join(note + ([cpu_note] if cpu_note else [])),
+            streamed_encode_seconds=encode_seconds,
+            note="T5 bf16 streamed from pinned CPU memory; U-Net, MoVQ bf16 resident; tiled decode"
+            + ("" if self.cuda else "; peak memory is a CUDA figure (the CPU run checks the code path)"),
             **mem,
         )
 
@@ -1174,14 +1326,16 @@ def bnb_unavailable(device) -> str | None:
 
 
 def quantize_8bit(encoder: torch.nn.Module, device) -> torch.nn.Module:
-    """Replace every ``nn.Linear`` of a (random, bf16) T5 encoder by a bitsandbytes ``Linear8bitLt`` (LLM.int8,
-    threshold 6, as ``load_in_8bit=True`` does), quantised on ``device``; the source weights are moved out."""
+    """Replace the ``nn.Linear`` layers of a (random, bf16) T5 encoder by bitsandbytes ``Linear8bitLt`` (LLM.int8,
+    threshold 6), quantised on ``device``, as ``load_in_8bit=True`` does — which keeps T5's ``wo`` (the FF output)
+    out of int8 (``T5PreTrainedModel._keep_in_fp32_modules``: LLM.int8 computes in fp16 and T5's FF output overflows
+    it; on 2026-12-04 quantising ``wo`` too gave a relative error of 1.33). The source weights are moved out."""
     import bitsandbytes as bnb
 
     parents = [m for m in encoder.modules() if any(isinstance(c, torch.nn.Linear) for c in m.children())]
     for parent in parents:  # (holding parents, not the old layers, frees each bf16 weight once it is replaced)
         for name, child in list(parent.named_children()):
-            if isinstance(child, torch.nn.Linear):
+            if isinstance(child, torch.nn.Linear) and name != "wo":
                 q = bnb.nn.Linear8bitLt(
                     child.in_features,
                     child.out_features,
@@ -1230,8 +1384,15 @@ def targets(rows: list[dict], smoke: bool = False) -> list[dict]:
     )
     compiled = [r for r in rows if r["section"] == "unet_compiled" and "speedup_vs_diffusers_compiled" in r]
     best_compiled = max((r["speedup_vs_diffusers_compiled"] for r in compiled), default=None)
-    base = find("pipelines", lambda n: n.startswith("base") and n.endswith("batch 1"))
-    flash = find("pipelines", lambda n: n.startswith("flash") and n.endswith("batch 1"))
+
+    def fastest(kind):  # eager or with the U-Net step replayed from CUDA graphs, whichever is faster
+        found = [
+            find("pipelines", lambda n: n.startswith(kind) and n.endswith("batch 1")),
+            find("pipelines_graph", lambda n: n.startswith(kind)),
+        ]
+        return min((r for r in found if r), key=lambda r: r["seconds"], default=None)
+
+    base, flash = fastest("base"), fastest("flash")
     movq = [r["seconds"] for r in rows if r["section"] == "movq_decode" and "whole" in r["row"] and r.get("seconds")]
     sr = find("superres", lambda n: "windows" in n and "(25 views)" in n) or find(
         "superres", lambda n: "windows" in n and "→" in n and int(n.split("→")[1].split()[0]) >= 4096
@@ -1247,14 +1408,14 @@ def targets(rows: list[dict], smoke: bool = False) -> list[dict]:
         ),
         check("U-Net step, best ours compiled vs diffusers compiled", best_compiled, 1.0, True, "×"),
         check(
-            "U-Net ours vs diffusers, relative max |Δ| (bf16 tolerance)",
-            ours and ours.get("relative_diff"),
-            2**-6,
+            "U-Net bf16 max |Δ| to the fp32 reference: ours ÷ diffusers' (within bf16 tolerance: ≤ 1.25)",
+            ours and ours.get("err_ratio_vs_diffusers"),
+            1.25,
             False,
-            "",
+            "×",
         ),
-        check("base 50 steps + guidance, s per image (batch 1)", base and base["seconds_per_image"], 0.9, False, "s"),
-        check("Flash 4 steps, s per image (batch 1)", flash and flash["seconds_per_image"], 0.20, False, "s"),
+        check("base 50 steps + guidance, s per image (batch 1)", base and base["seconds"], 0.9, False, "s"),
+        check("Flash 4 steps, s per image (batch 1)", flash and flash["seconds"], 0.20, False, "s"),
         check("MoVQ decode, best variant, whole image", min(movq) if movq else None, 0.070, False, "s"),
         check("KandiSuperRes 4× official windows", sr and sr["seconds"], 3.0, False, "s"),
         check("16 GB preset peak memory", b16 and b16.get("peak_gib"), 15.0, False, "GiB"),

@@ -26,7 +26,12 @@ def suite():
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
+def smoke(smoke_dir):
+    return json.loads((smoke_dir / "results.json").read_text()), (smoke_dir / "results.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def smoke_dir(tmp_path_factory):
     """One --smoke run in a child process (it sets its own thread count), ≈ 30 s on the 2-core dev machine."""
     out = tmp_path_factory.mktemp("gpu_suite")
     proc = subprocess.run(
@@ -37,7 +42,7 @@ def smoke(tmp_path_factory):
         cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads((out / "results.json").read_text()), (out / "results.md").read_text()
+    return out
 
 
 def test_smoke_covers_every_section(suite, smoke):
@@ -57,8 +62,10 @@ def test_smoke_covers_every_section(suite, smoke):
         if row.get("skipped"):
             assert isinstance(row["skipped"], str) and row["skipped"]
             continue
-        # numbers: a time, the FLOPs counted on meta, the achieved rate (MFU needs a known GPU peak)
         assert row["seconds"] > 0, row
+        if row["section"] == "profile":  # wall time under the profiler; its tables go to profile.txt
+            continue
+        # numbers: a time, the FLOPs counted on meta, the achieved rate (MFU needs a known GPU peak)
         assert row["flops"] > 0, row
         assert row["tflops"] > 0, row
         assert "mfu" in row
@@ -70,7 +77,8 @@ def test_smoke_covers_every_section(suite, smoke):
     assert len(names["pipelines"]) == 6  # base / Flash / inpainting × 2 batch sizes
     assert any("whole image" in n for n in names["superres"]) and len(names["superres"]) == 3
     assert len(names["budget16"]) == 1 and len(names["training"]) == 2
-    assert len(names["text_encoder"]) == 2
+    assert len(names["text_encoder"]) == 3  # resident, streamed one block at a time, 8-bit (skipped: CUDA)
+    assert len(names["profile"]) == 2
     assert result["sections"]["unet_compiled"]["status"] == "skipped"  # compile costs minutes on a CPU
 
 
@@ -85,6 +93,19 @@ def test_smoke_numbers_are_consistent(smoke):
     assert base[1]["flops"] > base[0]["flops"]  # batch 2 costs more than batch 1
     whole = next(r for (s, n), r in rows.items() if s == "superres" and "whole image" in n)
     assert whole["psnr_vs_official_tiling_db"] > 0
+    # the fp32 yardstick of the bf16 parity: in an fp32 run ours is its own reference, diffusers rounds apart
+    assert ours["max_abs_err_vs_fp32"] == 0
+    assert rows[("unet_step", "diffusers Kandinsky3UNet eager")]["max_abs_err_vs_fp32"] < 1e-3
+    # the 16 GB preset's encoder: streamed block by block it computes exactly what the resident one does
+    streamed = next(r for (s, n), r in rows.items() if s == "text_encoder" and "streamed" in n)
+    assert streamed["max_abs_diff_vs_resident"] == 0 and streamed["weights_gib"] > 0
+    assert rows[next(k for k in rows if k[0] == "budget16")]["streamed_encode_seconds"] > 0
+
+
+def test_smoke_writes_the_profile_tables(smoke_dir):
+    text = (smoke_dir / "profile.txt").read_text()
+    assert "## U-Net step, batch 2" in text and "## base pipeline, 3 steps" in text
+    assert text.count("### by self_cpu_time_total") == 2 and "aten::" in text
 
 
 def test_smoke_markdown_renders(suite, smoke):
@@ -100,7 +121,7 @@ def test_smoke_markdown_renders(suite, smoke):
     assert "| issue #19 target | measured | limit | met |" in md
     assert len(result["targets"]) == 8
     measured = {t["target"]: t["measured"] for t in result["targets"]}
-    for prefix in ("U-Net step, best of ours eager", "U-Net ours vs diffusers", "base 50", "Flash 4", "MoVQ decode"):
+    for prefix in ("U-Net step, best of ours eager", "U-Net bf16 max", "base 50", "Flash 4", "MoVQ decode"):
         assert any(k.startswith(prefix) and v is not None for k, v in measured.items()), prefix
 
 
@@ -119,6 +140,13 @@ def test_failing_section_is_recorded_and_suite_goes_on(suite, tmp_path, monkeypa
     assert result["sections"]["movq_decode"]["status"] == "ok"
     assert result["rows"][0]["tflops"] == pytest.approx(4.0)
     assert json.loads((tmp_path / "results.json").read_text())["sections"]["unet_step"]["status"] == "error"
+
+
+def test_sections_run_in_the_order_asked_for(suite, tmp_path):
+    result = suite.main(
+        ["--device", "cpu", "--sections", "profile,unet_step,profile", "--time-budget", "1e-9", "--out", str(tmp_path)]
+    )
+    assert list(result["sections"]) == ["profile", "unet_step"]
 
 
 def test_time_budget_skips_remaining_sections(suite, tmp_path):

@@ -14,6 +14,7 @@ FLOORS = {
     "images": 1,
     "registry": 1,
     "vocabulary": 1,
+    "offload": 1,
     "checkpoints": 2,
     "requests": 2,
     "world": 2,

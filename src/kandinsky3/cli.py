@@ -108,6 +108,17 @@ def _add_model_args(p: argparse.ArgumentParser):
     g.add_argument(
         "--offload", action="store_true", help="keep weights on the CPU, move each part to the device in turn"
     )
+    g.add_argument(
+        "--stream-text-encoder",
+        action="store_true",
+        help="keep the text encoder on the CPU and stream its blocks to the device one at a time while it encodes",
+    )
+    g.add_argument(
+        "--memory",
+        default=None,
+        choices=["16gb"],
+        help="a memory preset: 16gb = bf16, streamed text encoder, tiled MoVQ (docs/performance.md)",
+    )
     g.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
     g.add_argument(
         "--movq-tiling",
@@ -423,6 +434,8 @@ def _pipeline(args):
         text_encoder_dtype=args.text_encoder_dtype,
         text_encoder_quantization=args.text_encoder_quantization,
         offload=args.offload,
+        stream_text_encoder=args.stream_text_encoder,
+        memory=args.memory,
         compile=args.compile,
         variant=args.variant,
         movq_tiling=args.movq_tiling,

@@ -13,8 +13,10 @@ from PIL import Image
 
 from .checkpoints import Components, load_components, save_components
 from .diffusion import Conditioning, Denoiser, NoiseSchedule
+from .diffusion.graphs import GraphedStep
 from .diffusion.sampling import SAMPLERS, NoiseSource, SamplerRun, StepCallback
 from .images import tensor_to_pil, with_metadata
+from .offload import is_quantized, lent, streamed
 from .requests import Control, GenerationSettings, ImageToImage, Inpaint, Mix, Outpaint, TextToImage, Variation
 from .tasks import TASKS, Plan
 
@@ -71,22 +73,15 @@ def device_memory(device) -> int:
 
 
 def _preset_16gb(device: torch.device) -> dict:
-    """≈ 15 GiB peak for the base model at 1024²: 8-bit FLAN-UL2 (8.1 GiB, resident) + bf16 U-Net (6.1 GiB, moved in
-    for sampling) + bf16 MoVQ with tiled decode. 8-bit needs CUDA and bitsandbytes; elsewhere the encoder is bf16."""
-    return dict(
-        dtype="bf16",
-        text_encoder_quantization="8bit" if device.type == "cuda" else None,
-        offload=True,
-        movq_tiling=True,
-    )
+    """A 16 GB GPU at 1024²: bf16 U-Net (6.1 GiB) and MoVQ resident, the bf16 FLAN-UL2 encoder (17.7 GB) kept in CPU
+    memory and streamed to the GPU one block (0.5 GiB) at a time while it encodes, tiled MoVQ decode. Exact bf16
+    numerics and no bitsandbytes; the price is the encoder's copy over PCIe once per prompt (docs/performance.md).
+    An 8-bit encoder does not fit beside the U-Net: transformers keeps T5's ``wo`` layers out of int8 (fp16
+    overflow), so 8-bit FLAN-UL2 is ≈ 10 GiB, and bitsandbytes weights cannot be offloaded."""
+    return dict(dtype="bf16", stream_text_encoder=True, offload=False, movq_tiling=True)
 
 
 MEMORY_PRESETS = {"16gb": _preset_16gb}
-
-
-def is_quantized(module: torch.nn.Module) -> bool:
-    """Whether ``module`` holds bitsandbytes 8/4-bit weights (which ``.to(device)`` cannot move)."""
-    return any(type(p).__name__ in ("Int8Params", "Params4bit") for p in module.parameters())
 
 
 class Kandinsky3:
@@ -102,6 +97,8 @@ class Kandinsky3:
         device: str | torch.device = "cpu",
         offload: bool = False,
         movq_tiling: bool = False,
+        stream_text_encoder: bool = False,
+        cuda_graph: bool = False,
     ):
         self.variant = components.variant
         self.unet = components.unet
@@ -110,10 +107,24 @@ class Kandinsky3:
         self.device = torch.device(device)
         self.offload = offload
         self.movq_tiling = movq_tiling
+        self.stream_text_encoder = stream_text_encoder
+        if cuda_graph:
+            self._check_cuda_graph(self.device, offload)
+        self.graphed_unet = GraphedStep(self.unet) if cuda_graph else None
         self._lock = threading.RLock()
         self.schedule = NoiseSchedule.named("cosine")
         self.controlnet = None  # loaded by from_pretrained(controlnet=…) or on the first control() (get_controlnet)
         self.ip_adapter = None  # IP-Adapter + image encoder: loaded on the first image prompt (get_ip_adapter)
+
+    @staticmethod
+    def _check_cuda_graph(device: torch.device, offload: bool):
+        if offload:
+            raise ValueError(
+                "cuda_graph=True cannot be combined with offload=True: a graph reads the weights at the "
+                "addresses it was captured with, and offload lends them anew for every run"
+            )
+        if device.type != "cuda":
+            raise ValueError(f"cuda_graph=True replays CUDA graphs: it needs a CUDA device, not {device}")
 
     @classmethod
     def from_pretrained(
@@ -128,6 +139,8 @@ class Kandinsky3:
         text_encoder_device=None,
         text_encoder_quantization: str | None = None,
         offload: bool = False,
+        stream_text_encoder: bool = False,
+        cuda_graph: bool = False,
         compile: bool = False,
         channels_last: bool = False,
         local_files_only: bool = False,
@@ -140,16 +153,18 @@ class Kandinsky3:
         Face repo id (official or diffusers layout) or a local folder.
 
         ``dtype`` sets all components at once; ``unet_dtype`` / ``movq_dtype`` / ``text_encoder_dtype`` override
-        it per component. ``offload=True`` keeps weights on the CPU and moves each component to ``device`` only
-        while it runs. ``text_encoder_quantization`` = "8bit" | "4bit" needs bitsandbytes (a CUDA device).
+        it per component. ``offload=True`` keeps weights on the CPU and lends each component to ``device`` only
+        while it runs; ``stream_text_encoder=True`` keeps the text encoder's weights on the CPU and lends its blocks
+        to ``device`` one at a time as it encodes (:mod:`kandinsky3.offload`). ``cuda_graph=True`` replays the U-Net
+        step from CUDA graphs, one captured per input shape (:mod:`kandinsky3.diffusion.graphs`; CUDA only).
+        ``text_encoder_quantization`` = "8bit" | "4bit" needs bitsandbytes (a CUDA device).
         ``channels_last=True`` stores U-Net and MoVQ convolution weights NHWC (faster convolutions on GPUs with
         tensor cores; same outputs). ``movq_tiling=True`` encodes / decodes images with a side over the MoVQ tile
         (1024 px) in overlapping tiles, as KandiSuperRes does: less memory, slightly different pixels; off by
         default, as in the official pipelines (docs/sampling.md).
 
-        ``memory="16gb"`` is the preset for 16 GB GPUs (:data:`MEMORY_PRESETS`): bf16 U-Net and MoVQ, the text
-        encoder in 8 bit (on CUDA; it stays resident), U-Net and MoVQ offloaded between uses, tiled MoVQ. Options
-        given explicitly win over the preset's.
+        ``memory="16gb"`` is the preset for 16 GB GPUs (:data:`MEMORY_PRESETS`): bf16 U-Net and MoVQ resident, the
+        bf16 text encoder streamed block by block, tiled MoVQ. Options given explicitly win over the preset's.
 
         ``controlnet``: a ControlNet to load now (a name — ``nano-controlnet``, ``hed`` — a folder or a hub id);
         without it ``control()`` loads the variant's own (``Variant.controlnet``) on first use.
@@ -160,8 +175,21 @@ class Kandinsky3:
                 raise ValueError(f"unknown memory preset {memory!r}: use one of {', '.join(MEMORY_PRESETS)}")
             preset = MEMORY_PRESETS[memory](device)
             dtype = dtype if dtype is not None else preset["dtype"]
-            text_encoder_quantization = text_encoder_quantization or preset["text_encoder_quantization"]
             offload, movq_tiling = offload or preset["offload"], movq_tiling or preset["movq_tiling"]
+            stream_text_encoder = stream_text_encoder or (
+                preset["stream_text_encoder"] and not text_encoder_quantization
+            )
+            if text_encoder_quantization:  # an 8-bit encoder stays resident (≈ 10 GiB): U-Net and MoVQ must move
+                offload = True
+        if stream_text_encoder and text_encoder_quantization:
+            raise ValueError(
+                "a quantized text encoder cannot be streamed (bitsandbytes weights do not move): "
+                "drop stream_text_encoder or text_encoder_quantization"
+            )
+        if cuda_graph:  # refused before minutes of loading, not after
+            cls._check_cuda_graph(device, offload)
+        if stream_text_encoder and text_encoder_device is None:
+            text_encoder_device = "cpu"  # the masters; its blocks are lent to `device` as it runs
         load_device = "cpu" if offload else device
         components = load_components(
             name_or_path,
@@ -174,7 +202,14 @@ class Kandinsky3:
             local_files_only=local_files_only,
             variant=variant,
         )
-        pipe = cls(components, device=device, offload=offload, movq_tiling=movq_tiling)
+        pipe = cls(
+            components,
+            device=device,
+            offload=offload,
+            movq_tiling=movq_tiling,
+            stream_text_encoder=stream_text_encoder,
+            cuda_graph=cuda_graph,
+        )
         if channels_last:
             pipe.unet.to(memory_format=torch.channels_last)
             pipe.movq.to(memory_format=torch.channels_last)
@@ -400,6 +435,8 @@ class Kandinsky3:
             local_files_only=local_files_only,
         )
         parts.adapter.attach(self.unet)
+        if self.graphed_unet is not None:
+            self.graphed_unet.reset()  # the U-Net's forward changed
         self.ip_adapter = parts
         return parts
 
@@ -485,7 +522,8 @@ class Kandinsky3:
         x = noise.randn(plan.shape)
         with self.placed(self.unet):
             x = x.to(self.device)
-            denoiser = Denoiser(self.unet, cond, s.guidance if sampler.guided else 0.0, plan.adapters)
+            unet = self.graphed_unet if self.graphed_unet is not None else self.unet
+            denoiser = Denoiser(unet, cond, s.guidance if sampler.guided else 0.0, plan.adapters)
             x0 = None if plan.init_latents is None else plan.init_latents.to(x.device, torch.float32)
             run = SamplerRun(
                 self.schedule, s.steps, noise, s.eta, s.threshold_percentile, x0, s.strength, callback, progress
@@ -557,21 +595,26 @@ class Kandinsky3:
 
     @contextlib.contextmanager
     def placed(self, module: torch.nn.Module):
-        """With offload, move ``module`` to the compute device only while it runs (a quantized module cannot move:
-        it stays where it was loaded)."""
-        if not self.offload or is_quantized(module):
+        """``module`` on the compute device while it runs: lent whole with ``offload``, block by block for the text
+        encoder with ``stream_text_encoder``; otherwise (and for quantized modules, which cannot move) as it is."""
+        if is_quantized(module):
             yield module
-            return
-        module.to(self.device)
-        try:
+        elif self.stream_text_encoder and module is self.text_encoder:
+            with streamed(module, self.device):
+                yield module
+        elif self.offload:
+            with lent(module, self.device):
+                yield module
+        else:
             yield module
-        finally:
-            module.to("cpu")
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
 
     def to(self, device) -> "Kandinsky3":
-        self.device = torch.device(device)
+        device = torch.device(device)
+        if self.graphed_unet is not None:
+            if device.type != "cuda":
+                raise ValueError(f"this pipeline replays CUDA graphs (cuda_graph=True): it cannot move to {device}")
+            self.graphed_unet.reset()  # captured against the old weights' addresses
+        self.device = device
         for m in (self.unet, self.movq, self.text_encoder):
             m.to(self.device)
         if self.ip_adapter is not None:
