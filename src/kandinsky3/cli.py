@@ -121,6 +121,11 @@ def _add_model_args(p: argparse.ArgumentParser):
     )
     g.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
     g.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="replay the U-Net step from CUDA graphs (CUDA only; not with --offload)",
+    )
+    g.add_argument(
         "--movq-tiling",
         action="store_true",
         help="encode/decode sides over 1024 px in overlapping tiles (KandiSuperRes style): less memory, "
@@ -436,6 +441,7 @@ def _pipeline(args):
         offload=args.offload,
         stream_text_encoder=args.stream_text_encoder,
         memory=args.memory,
+        cuda_graph=args.cuda_graph,
         compile=args.compile,
         variant=args.variant,
         movq_tiling=args.movq_tiling,
