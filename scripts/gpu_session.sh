@@ -2,7 +2,7 @@
 # One lent-GPU session, run by the `device` tool from the repository root (docs/performance.md, "Full size on a
 # GPU"): issue #19's suite, then optionally a ControlNet stage (issue #15). Results land in $OUT.
 #   SUITE_BUDGET  seconds for the suite (default 360); SUITE_ARGS  extra suite arguments, e.g. the section order
-#                 "--sections profile,pipelines_graph,unet_compiled,budget16,text_encoder,unet_step,superres"
+#                 "--sections profile,pipelines_graph,unet_compiled,movq_compiled,budget16,text_encoder,unet_step,superres"
 #   CN_BUDGET     minutes for configs/nano/controlnet_gpu_stage.yaml (default 0: skipped)
 # Before the call (here): the wheels the device lacks go in .whl (diffusers, bitsandbytes reduced to its CUDA 13
 # libraries, importlib_metadata; docs/performance.md), carried. The tracked tree is over the tool's 64 MiB, so take
