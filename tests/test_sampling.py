@@ -164,3 +164,19 @@ def test_no_guidance_runs_one_batch():
     cond = Conditioning(torch.ones(2, 3, 4), torch.ones(2, 3, dtype=torch.long))
     Denoiser(unet, cond, guidance_weight=3.0)(torch.zeros(2, 4, 2, 2), 500)
     assert unet.calls[0][0] == 2
+
+
+def test_one_timestep_needs_no_copy_to_the_latents_device():
+    """The sampler loop makes no host-to-device copy for ᾱ_t (a blocking copy syncs the GPU stream every step):
+    one timestep gives a 0-dim CPU tensor that ops on any device take as a scalar. Here the latents live on the meta
+    device, where no copy could be hidden; per-sample timesteps (training) still gather on their own device."""
+    from kandinsky3.diffusion.schedule import NoiseSchedule
+
+    schedule = NoiseSchedule.named("cosine")
+    x = torch.empty(2, 4, 8, 8, device="meta")
+    a = schedule.abar(500, x)
+    assert a.device.type == "cpu" and a.ndim == 0 and a.dtype == torch.float32
+    assert a.item() == schedule.alphas_cumprod[500].item()
+    assert schedule.q_sample(x, 500, x).device.type == "meta"  # the scalar mixes with the meta latents
+    per_sample = schedule.abar(torch.tensor([1, 999]), torch.empty(2, 4, 8, 8))
+    assert per_sample.shape == (2, 1, 1, 1) and per_sample[1, 0, 0, 0] == schedule.alphas_cumprod[999]

@@ -157,7 +157,10 @@ class Denoiser:
     @torch.no_grad()
     def __call__(self, x_t: torch.Tensor, t) -> torch.Tensor:
         b = x_t.shape[0]
-        t = torch.as_tensor(t, device=self.device, dtype=torch.float32).expand(b)
+        if isinstance(t, torch.Tensor):
+            t = t.to(self.device, torch.float32).expand(b)
+        else:  # a fill on the device, not a blocking host-to-device copy (which would sync every step)
+            t = torch.full((b,), float(t), device=self.device, dtype=torch.float32)
         x = x_t.to(self.device, self.dtype)
         if not self.guided:
             return self.unet(x, t, **self._inputs(x, t, "cond")).float()

@@ -88,7 +88,8 @@ class NoiseSource:
         else:
             g = self.generators
             out = torch.randn(shape, generator=g, device=g.device if g is not None else device, dtype=torch.float32)
-        return out if device is None else out.to(device)
+        # non_blocking: the CPU generator's noise is staged and copied without waiting for the queued kernels
+        return out if device is None else out.to(device, non_blocking=True)
 
 
 def randn_like(x: torch.Tensor, noise) -> torch.Tensor:
@@ -195,8 +196,9 @@ def sample_with_scheduler(
     else:
         x = x.float() * scheduler.init_noise_sigma
     generator = NoiseSource.of(noise).generator
+    ints = [int(t) for t in timesteps.tolist()]  # one device read, not one per step
     for step, t in enumerate(_steps(list(timesteps), progress)):
-        eps = denoise(scheduler.scale_model_input(x, t), int(t))
+        eps = denoise(scheduler.scale_model_input(x, t), ints[step])
         x = scheduler.step(eps, t, x, generator=generator).prev_sample
         _report(callback, step, t, x)
     return x

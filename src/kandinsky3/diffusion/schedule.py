@@ -41,10 +41,21 @@ class NoiseSchedule:
         return len(self.betas)
 
     def abar(self, t, like: torch.Tensor) -> torch.Tensor:
-        """ᾱ_t broadcast to ``like``'s rank (t: int or (B,) tensor)."""
-        t = torch.as_tensor(t, device=self.alphas_cumprod.device).long()
-        a = self.alphas_cumprod[t].to(like.device, torch.float32)
-        return a.reshape(-1, *([1] * (like.ndim - 1))) if a.ndim else a
+        """ᾱ_t broadcast to ``like``'s rank (t: int or (B,) tensor).
+
+        One timestep (sampling) gives a 0-dim float32 CPU tensor, which ops on CUDA tensors take as a scalar: no
+        host-to-device copy, so no stream sync in the sampler loop (a blocking copy of even 4 bytes waits for every
+        kernel queued before it). Per-sample timesteps (training) are gathered on their own device."""
+        if isinstance(t, torch.Tensor) and t.ndim:
+            a = self._table(t.device)[t.long()].to(like.device, torch.float32)
+            return a.reshape(-1, *([1] * (like.ndim - 1)))
+        return self.alphas_cumprod[int(t)]
+
+    def _table(self, device: torch.device) -> torch.Tensor:
+        tables = self.__dict__.setdefault("_tables", {})
+        if device not in tables:
+            tables[device] = self.alphas_cumprod.to(device)
+        return tables[device]
 
     def q_sample(self, x0: torch.Tensor, t, noise: torch.Tensor) -> torch.Tensor:
         a = self.abar(t, x0)
