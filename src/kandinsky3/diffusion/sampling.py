@@ -200,7 +200,7 @@ def sample_with_scheduler(
     for step, t in enumerate(_steps(list(timesteps), progress)):
         eps = denoise(scheduler.scale_model_input(x, t), ints[step])
         x = scheduler.step(eps, t, x, generator=generator).prev_sample
-        _report(callback, step, t, x)
+        _report(callback, step, ints[step], x)
     return x
 
 

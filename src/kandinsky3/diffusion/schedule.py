@@ -28,6 +28,7 @@ class NoiseSchedule:
     def __init__(self, betas: torch.Tensor):
         self.betas = betas.float()
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # float32, as the official code
+        self._tables: dict[torch.device, torch.Tensor] = {}  # ᾱ on each device per-sample timesteps live on
 
     @classmethod
     def named(cls, name: str = "cosine", num_timesteps: int = 1000) -> "NoiseSchedule":
@@ -52,10 +53,9 @@ class NoiseSchedule:
         return self.alphas_cumprod[int(t)]
 
     def _table(self, device: torch.device) -> torch.Tensor:
-        tables = self.__dict__.setdefault("_tables", {})
-        if device not in tables:
-            tables[device] = self.alphas_cumprod.to(device)
-        return tables[device]
+        if device not in self._tables:
+            self._tables[device] = self.alphas_cumprod.to(device)
+        return self._tables[device]
 
     def q_sample(self, x0: torch.Tensor, t, noise: torch.Tensor) -> torch.Tensor:
         a = self.abar(t, x0)
