@@ -1,8 +1,13 @@
 #!/bin/bash
 # One lent-GPU session, run by the `device` tool from the repository root (docs/performance.md, "Full size on a
-# GPU"): issue #19's suite, then optionally a ControlNet stage (issue #15). Results land in $OUT.
-#   SUITE_BUDGET  seconds for the suite (default 360); SUITE_ARGS  extra suite arguments, e.g. the section order
+# GPU"): issue #19's suite, then optionally the full-size adapter step benchmarks and nano training stages
+# (issues #14, #15). Results land in $OUT.
+#   SUITE_BUDGET  seconds for the suite (default 360; 0: skipped); SUITE_ARGS  extra suite arguments, e.g. the order
 #                 "--sections profile,pipelines_graph,unet_compiled,movq_compiled,budget16,text_encoder,unet_step,superres"
+#   ADAPTER_STEPS 1: benchmarks/ip_adapter_step.py and controlnet_step.py at full size (1024², bf16), ≈ 1 min
+#   CLIP_BUDGET   minutes for configs/nano/clip_gpu_stage.yaml (default 0: skipped; carry runs/nano-clip-v7-long/export)
+#   IP_BUDGET     minutes for configs/nano/ip_adapter_gpu_stage.yaml, on the CLIP stage's export (carry
+#                 runs/nano-ip-adapter-v8/export; without a CLIP stage export it reads runs/nano-clip-v7-long/export)
 #   CN_BUDGET     minutes for configs/nano/controlnet_gpu_stage.yaml (default 0: skipped)
 # Before the call (here): the wheels the device lacks go in .whl (diffusers, bitsandbytes reduced to its CUDA 13
 # libraries, importlib_metadata; docs/performance.md), carried. The tracked tree is over the tool's 64 MiB, so take
@@ -21,9 +26,35 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffu
       'transformers', transformers.__version__, 'bitsandbytes', b.__version__)"; } > "$OUT/environment.txt" 2>&1
 cat "$OUT/environment.txt"
 budget=${SUITE_BUDGET:-360}
-timeout $((budget + 50)) python3 benchmarks/gpu_suite.py --out "$OUT/suite" --time-budget "$budget" \
-    ${SUITE_ARGS:-} > "$OUT/suite.log" 2>&1
-echo "suite rc $?"; tail -n 60 "$OUT/suite.log"
+if [ "$budget" != "0" ]; then
+    timeout $((budget + 50)) python3 benchmarks/gpu_suite.py --out "$OUT/suite" --time-budget "$budget" \
+        ${SUITE_ARGS:-} > "$OUT/suite.log" 2>&1
+    echo "suite rc $?"; tail -n 60 "$OUT/suite.log"
+fi
+if [ "${ADAPTER_STEPS:-0}" = "1" ]; then
+    for bench in ip_adapter_step controlnet_step; do
+        timeout 100 python3 "benchmarks/$bench.py" --full --size 1024 --dtype bf16 --device cuda --repeats 9 \
+            > "$OUT/$bench.log" 2>&1
+        echo "$bench rc $?"; tail -n 3 "$OUT/$bench.log"
+    done
+fi
+# stage RECIPE CONFIG MINUTES RUN_DIR: a nano training stage fitted to MINUTES; its export and log come back
+stage() {
+    timeout "$(python3 -c "print(int($3 * 60 + 40))")" python3 -m kandinsky3.cli train "$1" --config "$2" \
+        --time-budget "$3" --no-progress > "$OUT/$(basename "$4").log" 2>&1
+    echo "$1 stage rc $?"; tail -n 4 "$OUT/$(basename "$4").log"
+    [ -d "$4/export" ] && tar -C "$4" -cf "$OUT/$(basename "$4").tar" export log.jsonl
+}
+clip=${CLIP_BUDGET:-0}
+[ "$clip" != "0" ] && stage clip configs/nano/clip_gpu_stage.yaml "$clip" runs/nano-clip-gpu
+ip=${IP_BUDGET:-0}
+if [ "$ip" != "0" ]; then
+    if [ ! -d runs/nano-clip-gpu/export ]; then
+        echo "no CLIP stage export: the adapter stage reads runs/nano-clip-v7-long/export"
+        mkdir -p runs/nano-clip-gpu && cp -r runs/nano-clip-v7-long/export runs/nano-clip-gpu/export
+    fi
+    stage ip_adapter configs/nano/ip_adapter_gpu_stage.yaml "$ip" runs/nano-ip-adapter-gpu
+fi
 cn=${CN_BUDGET:-0}
 if [ "$cn" != "0" ]; then
     timeout "$(python3 -c "print(int($cn * 60 + 25))")" python3 -m kandinsky3.cli train controlnet \

@@ -158,3 +158,58 @@ def test_nano_clip_tells_background_and_colour_foils_apart():
 
     report = clip_retrieval("nano-clip", 100)
     assert report.by_attribute["background"] >= 0.9 and report.by_attribute["color"] >= 0.7, report
+
+
+def _clip_run_config(tmp_path, **model):
+    from kandinsky3.training.config import TrainConfig
+
+    return TrainConfig.from_dict(
+        {
+            "recipe": "clip",
+            "output_dir": str(tmp_path / "run"),
+            "model": {"hard_negatives": 2, "probe_scenes": 0, **model},
+            "data": {"length": 8, "size": 64},
+            "batch_size": 4,
+            "steps": 1,
+        }
+    )
+
+
+def test_clip_recipe_continues_from_an_export_and_refuses_one_of_another_size(tmp_path):
+    """``model.init``: the run starts from the folder's weights (its architecture, not the params' sizes); a CLIP
+    for other renders or another vocabulary is a clear error."""
+    from transformers import CLIPModel
+
+    from kandinsky3.models.config import ConfigError
+    from kandinsky3.models.text import build_word_tokenizer
+    from kandinsky3.training.protocol import RandomStreams
+    from kandinsky3.training.recipes import make_recipe
+    from kandinsky3.world import vocabulary
+
+    words = len(build_word_tokenizer(vocabulary()))
+    torch.manual_seed(3)
+    config = nano_clip_config(words, image_size=64, patch_size=16, width=32, vision_layers=1, text_layers=1, heads=2,
+                              projection_dim=16)  # fmt: skip
+    CLIPModel(config).to(torch.float16).save_pretrained(tmp_path / "clip")
+    saved = CLIPModel.from_pretrained(tmp_path / "clip", dtype=torch.float32).state_dict()
+    recipe = make_recipe(_clip_run_config(tmp_path, init=str(tmp_path / "clip"), width=128), "cpu", RandomStreams(0))
+    state = recipe.trainable.clip.state_dict()
+    assert recipe.config.projection_dim == 16 and state.keys() == saved.keys()
+    assert all(v.dtype == torch.float32 and torch.equal(v, saved[k]) for k, v in state.items())
+
+    small = nano_clip_config(words, image_size=32, patch_size=16, width=32, vision_layers=1, text_layers=1, heads=2,
+                             projection_dim=16)  # fmt: skip
+    CLIPModel(small).save_pretrained(tmp_path / "small")
+    with pytest.raises(ConfigError, match="32 px images; this run has .* data.size 64"):
+        make_recipe(_clip_run_config(tmp_path, init=str(tmp_path / "small")), "cpu", RandomStreams(0))
+    with pytest.raises(ConfigError, match="not a CLIP folder"):
+        make_recipe(_clip_run_config(tmp_path, init=str(tmp_path)), "cpu", RandomStreams(0))
+
+
+def test_world_captions_rendered_by_workers_are_the_same_data():
+    from kandinsky3.training.recipes.clip import WorldCaptions
+
+    one, two = WorldCaptions(40, "train", 64, 3), WorldCaptions(40, "train", 64, 3, num_workers=2)
+    assert torch.equal(one.images, two.images)
+    assert (one.captions, one.complete, one.foils) == (two.captions, two.complete, two.foils)
+    assert len(set(one.captions)) > 30 and all(len(f) == 3 for f in one.foils)

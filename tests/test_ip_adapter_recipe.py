@@ -151,3 +151,12 @@ def test_nano_image_plus_text_follows_the_text_background():
     report = IPReport()
     evaluate_image_text(pipe, report, 12, batch=12, progress=False)
     assert report.rate("image + text: follows the text's background").value >= 0.8, report.table()
+
+
+def test_world_references_rendered_by_workers_are_the_same_data():
+    one = WorldReferences(30, "train", 64, "new_background", (1, 2))
+    two = WorldReferences(30, "train", 64, "new_background", (1, 2), num_workers=2)
+    assert one.tensors.keys() == two.tensors.keys() == {"image", "reference"}
+    assert all(torch.equal(one.tensors[k], two.tensors[k]) for k in one.tensors)
+    assert (one.captions, one.backgrounds) == (two.captions, two.backgrounds)
+    assert not torch.equal(one.tensors["image"], one.tensors["reference"])  # another background

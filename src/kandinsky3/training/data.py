@@ -41,6 +41,34 @@ class CaptionFolder(torch.utils.data.Dataset):
         return {"image": _image_tensor(Image.open(path), self.size), "caption": caption}
 
 
+class _Items(torch.utils.data.Dataset):
+    def __init__(self, make, length: int):
+        self.make, self.length = make, length
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        return self.make(i)
+
+
+def _as_list(items):
+    return items
+
+
+def materialise(make, length: int, num_workers: int = 0, desc: str = "rendering") -> list:
+    """``[make(0), …, make(length - 1)]``, made by ``num_workers`` processes when > 0 (the same list, in order).
+    ``make`` must be picklable for workers: a module-level function or a ``functools.partial`` of one."""
+    from tqdm.auto import tqdm
+
+    if num_workers == 0:
+        return [make(i) for i in tqdm(range(length), desc=desc, leave=False)]
+    chunks = torch.utils.data.DataLoader(
+        _Items(make, length), batch_size=256, num_workers=num_workers, collate_fn=_as_list
+    )
+    return [item for chunk in tqdm(chunks, desc=desc, leave=False) for item in chunk]
+
+
 class InMemory(torch.utils.data.Dataset):
     """Materialise a (deterministic) dataset once: rendering costs more than a training step on a CPU.
 

@@ -11,6 +11,7 @@ zero-shot retrieval check measures.
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from ...models.text import build_word_tokenizer
 from ...world import caption_scene, vocabulary
 from ...world.dataset import SPLIT_SEEDS, to_tensor, world_sample
 from ...world.foils import foil_captions, retrieval_accuracy
+from ..data import materialise
 from .base import Recipe
 
 
@@ -45,6 +47,7 @@ class ClipParams:
     hard_negative_weight: float = 1.0
     probe_scenes: int = 100  # zero-shot retrieval (1 true vs 7 foils) on this many val renders at sample_every
     export_dtype: str | None = "fp16"
+    init: str | None = None  # a CLIP folder (an export) to continue from; its architecture replaces the sizes above
 
     def validate(self, cfg):
         if self.hard_negatives < 0 or self.hard_negative_weight < 0:
@@ -55,22 +58,21 @@ class ClipParams:
             raise ConfigError(f"data.size {cfg.data.size} is not a multiple of model.patch_size {self.patch_size}")
 
 
+def _world_captions_item(split: str, size: int, k: int, i: int) -> tuple:
+    s = world_sample(i, split, size)
+    rng = random.Random(SPLIT_SEEDS[split] * 31 + i)
+    foils = [c for c, _ in foil_captions(s.scene, rng, k)] if k else []
+    return to_tensor(s.image), s.caption, caption_scene(s.scene, rng, complete=True), foils
+
+
 class WorldCaptions(torch.utils.data.Dataset):
     """Renders of a world split with their caption, complete caption and ``k`` one-attribute foils, materialised
-    once (rendering costs more than a training step on a CPU)."""
+    once (rendering costs more than a training step on a CPU), by ``num_workers`` processes when > 0."""
 
-    def __init__(self, length: int, split: str, size: int, k: int):
-        from tqdm.auto import tqdm
-
-        self.images, self.captions, self.complete, self.foils = [], [], [], []
-        for i in tqdm(range(length), desc="rendering", leave=False):
-            s = world_sample(i, split, size)
-            rng = random.Random(SPLIT_SEEDS[split] * 31 + i)
-            self.images.append(to_tensor(s.image))
-            self.captions.append(s.caption)
-            self.complete.append(caption_scene(s.scene, rng, complete=True))
-            self.foils.append([c for c, _ in foil_captions(s.scene, rng, k)] if k else [])
-        self.images = torch.stack(self.images)
+    def __init__(self, length: int, split: str, size: int, k: int, num_workers: int = 0):
+        items = materialise(functools.partial(_world_captions_item, split, size, k), length, num_workers)
+        images, self.captions, self.complete, self.foils = (list(x) for x in zip(*items))
+        self.images = torch.stack(images)
 
     def __len__(self):
         return len(self.captions)
@@ -109,6 +111,22 @@ class ClipTrainable(nn.Module):
         return loss
 
 
+def _initial_clip(folder: str, vocab_size: int, image_size: int):
+    """The CLIP of an earlier run's export, in fp32, checked against this run's tokenizer and render size."""
+    from transformers import CLIPModel
+
+    if not (Path(folder) / "config.json").is_file():
+        raise ConfigError(f"model.init {folder!r} is not a CLIP folder (no config.json): give a clip run's export")
+    clip = CLIPModel.from_pretrained(folder, dtype=torch.float32)
+    vocab, size = clip.config.text_config.vocab_size, clip.config.vision_config.image_size
+    if vocab != vocab_size or size != image_size:
+        raise ConfigError(
+            f"model.init {folder!r} reads {vocab} words and {size} px images; this run has {vocab_size} words and "
+            f"data.size {image_size}: continue it at its own size"
+        )
+    return clip
+
+
 def _features(out):
     """``get_*_features`` return a tensor (transformers 4) or an output with ``pooler_output`` (5)."""
     return out if torch.is_tensor(out) else out.pooler_output
@@ -123,25 +141,30 @@ class ClipRecipe(Recipe):
         m = self.params
         from transformers import CLIPModel
 
-        self.config = nano_clip_config(
-            len(self.tokenizer),
-            cfg.data.size,
-            m.patch_size,
-            m.width,
-            m.vision_layers,
-            m.text_layers,
-            m.heads,
-            m.projection_dim,
-        )
         self.processor = nano_image_processor(cfg.data.size)
-        with drawing_from(rng.cpu):
-            self.trainable = ClipTrainable(CLIPModel(self.config), m.hard_negative_weight)
+        if m.init:
+            clip = _initial_clip(m.init, len(self.tokenizer), cfg.data.size)
+        else:
+            config = nano_clip_config(
+                len(self.tokenizer),
+                cfg.data.size,
+                m.patch_size,
+                m.width,
+                m.vision_layers,
+                m.text_layers,
+                m.heads,
+                m.projection_dim,
+            )
+            with drawing_from(rng.cpu):
+                clip = CLIPModel(config)
+        self.config = clip.config
+        self.trainable = ClipTrainable(clip, m.hard_negative_weight)
         self.modules = {"model": self.trainable}
 
     def make_dataset(self):
         d = self.cfg.data
         if d.source == "world":
-            return WorldCaptions(d.length, d.split, d.size, self.params.hard_negatives)
+            return WorldCaptions(d.length, d.split, d.size, self.params.hard_negatives, d.num_workers)
         return super().make_dataset()
 
     def _tokens(self, texts: list[str]):

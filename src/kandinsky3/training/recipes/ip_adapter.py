@@ -18,6 +18,7 @@ picture does not say).
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,6 +36,7 @@ from ...world import BACKGROUNDS, caption_scene, render
 from ...world.captions import BACKGROUND_TEMPLATES
 from ...world.dataset import SPLIT_SEEDS, makes_twins, to_tensor, world_sample
 from ...world.judge import judge
+from ..data import materialise
 from ..object_weighting import batch_pixel_weight, check_object_weight, object_coverage, weighted_square_error
 from .base import Recipe, image_grid, load_frozen
 
@@ -88,9 +90,17 @@ def background_phrase(background: str, rng: random.Random) -> str:
     return template.format(background)
 
 
+def _world_references_item(split, size, reference, object_counts, complete_captions, twins_share, i) -> tuple:
+    count = object_counts[i % len(object_counts)] if object_counts else None
+    s = world_sample(i, split, size, count, complete_captions, makes_twins(i, twins_share))
+    rng = random.Random(SPLIT_SEEDS[split] * 17 + i)
+    ref = s.image if reference == "same" else render(new_background(s.scene, rng), size).image
+    return to_tensor(s.image), to_tensor(ref), s.caption, background_phrase(s.scene.background, rng)
+
+
 class WorldReferences(torch.utils.data.Dataset):
     """World renders with their caption, a background-only caption and a reference render (itself, or the same
-    objects on another background), materialised once."""
+    objects on another background), materialised once, by ``num_workers`` processes when > 0."""
 
     def __init__(
         self,
@@ -101,19 +111,12 @@ class WorldReferences(torch.utils.data.Dataset):
         object_counts: tuple[int, ...] | None = None,
         complete_captions: bool = False,
         twins_share: float = 0.0,
+        num_workers: int = 0,
     ):
-        from tqdm.auto import tqdm
-
-        images, refs, self.captions, self.backgrounds = [], [], [], []
-        for i in tqdm(range(length), desc="rendering", leave=False):
-            count = object_counts[i % len(object_counts)] if object_counts else None
-            s = world_sample(i, split, size, count, complete_captions, makes_twins(i, twins_share))
-            rng = random.Random(SPLIT_SEEDS[split] * 17 + i)
-            images.append(to_tensor(s.image))
-            ref = s.image if reference == "same" else render(new_background(s.scene, rng), size).image
-            refs.append(to_tensor(ref))
-            self.captions.append(s.caption)
-            self.backgrounds.append(background_phrase(s.scene.background, rng))
+        make = functools.partial(
+            _world_references_item, split, size, reference, object_counts, complete_captions, twins_share
+        )
+        images, refs, self.captions, self.backgrounds = (list(x) for x in zip(*materialise(make, length, num_workers)))
         self.tensors = {"image": torch.stack(images), "reference": torch.stack(refs)}
 
     def __len__(self):
@@ -170,7 +173,14 @@ class IPAdapterRecipe(Recipe):
         d, p = self.cfg.data, self.params
         if d.source == "world":
             return WorldReferences(
-                d.length, d.split, d.size, p.reference, d.object_counts, d.complete_captions, d.twins_share
+                d.length,
+                d.split,
+                d.size,
+                p.reference,
+                d.object_counts,
+                d.complete_captions,
+                d.twins_share,
+                d.num_workers,
             )
         return super().make_dataset()
 
