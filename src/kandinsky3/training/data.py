@@ -3,6 +3,7 @@ sees it in (:class:`DataOrder`, part of every checkpoint)."""
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -52,8 +53,10 @@ class _Items(torch.utils.data.Dataset):
         return self.make(i)
 
 
-def _as_list(items):
-    return items
+def _pickled(items) -> bytes:
+    # plain pickle, not the workers' shared-memory tensors: one file descriptor per tensor runs out of them
+    # ("received 0 items of ancdata") on hundreds of thousands of items
+    return pickle.dumps(items)
 
 
 def materialise(make, length: int, num_workers: int = 0, desc: str = "rendering") -> list:
@@ -64,9 +67,9 @@ def materialise(make, length: int, num_workers: int = 0, desc: str = "rendering"
     if num_workers == 0:
         return [make(i) for i in tqdm(range(length), desc=desc, leave=False)]
     chunks = torch.utils.data.DataLoader(
-        _Items(make, length), batch_size=256, num_workers=num_workers, collate_fn=_as_list
+        _Items(make, length), batch_size=256, num_workers=num_workers, collate_fn=_pickled
     )
-    return [item for chunk in tqdm(chunks, desc=desc, leave=False) for item in chunk]
+    return [item for chunk in tqdm(chunks, desc=desc, leave=False) for item in pickle.loads(chunk)]
 
 
 class InMemory(torch.utils.data.Dataset):
