@@ -4,7 +4,7 @@
 # (issues #14, #15). Results land in $OUT.
 #   SUITE_BUDGET  seconds for the suite (default 360; 0: skipped); SUITE_ARGS  extra suite arguments, e.g. the order
 #                 "--sections profile,pipelines_graph,unet_compiled,movq_compiled,budget16,text_encoder,unet_step,superres"
-#   ADAPTER_STEPS 1: first, benchmarks/ip_adapter_step.py and controlnet_step.py at full size (1024², bf16), ≈ 1 min
+#   BENCHES       first, benchmarks at full size (1024², bf16), e.g. "ip_adapter_step controlnet_step movq_spatial_norm"
 #   CLIP_BUDGET   minutes for configs/nano/clip_gpu_stage.yaml (default 0: skipped; carry runs/nano-clip-v7-long/export)
 #   IP_BUDGET     minutes for configs/nano/ip_adapter_gpu_stage.yaml, on the CLIP stage's export (carry
 #                 runs/nano-ip-adapter-v8/export; without a CLIP stage export it reads runs/nano-clip-v7-long/export)
@@ -25,13 +25,16 @@ export PYTHONPATH=/tmp/site:$PWD/src
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__,
       'transformers', transformers.__version__, 'bitsandbytes', b.__version__)"; } > "$OUT/environment.txt" 2>&1
 cat "$OUT/environment.txt"
-if [ "${ADAPTER_STEPS:-0}" = "1" ]; then
-    for bench in ip_adapter_step controlnet_step; do
-        timeout 100 python3 "benchmarks/$bench.py" --full --size 1024 --dtype bf16 --device cuda --repeats 9 \
-            > "$OUT/$bench.log" 2>&1
-        echo "$bench rc $?"; tail -n 3 "$OUT/$bench.log"
-    done
-fi
+# BENCHES: single-file benchmarks at full size on the GPU, first (each ≈ 30 s)
+for bench in ${BENCHES:-}; do
+    case $bench in
+        ip_adapter_step|controlnet_step) args="--full --size 1024 --dtype bf16 --device cuda --repeats 9" ;;
+        movq_spatial_norm) args="--size 1024 --dtype bf16 --device cuda --repeats 9" ;;
+        *) echo "unknown benchmark $bench"; continue ;;
+    esac
+    timeout 100 python3 "benchmarks/$bench.py" $args > "$OUT/$bench.log" 2>&1
+    echo "$bench rc $?"; tail -n 3 "$OUT/$bench.log"
+done
 budget=${SUITE_BUDGET:-360}
 if [ "$budget" != "0" ]; then
     timeout $((budget + 50)) python3 benchmarks/gpu_suite.py --out "$OUT/suite" --time-budget "$budget" \

@@ -155,3 +155,26 @@ def test_fast_decode_variants_keep_the_output(movq_pair):
     scale = ref.abs().max()
     assert (low - ref).abs().max() <= 0.05 * scale  # a few bf16 ulps through ~20 layers
     assert (low - ref).abs().max() > 0  # it did run in bf16
+
+
+@pytest.mark.parametrize(
+    "feature, latent",
+    [((8, 12), (8, 12)), ((16, 24), (8, 12)), ((64, 96), (8, 12)), ((24, 36), (8, 12)), ((20, 20), (8, 8)),
+     ((12, 12), (9, 9))],
+)  # fmt: skip
+def test_spatial_norm_modulates_at_the_latents_resolution_like_the_official_order(feature, latent):
+    """Whole-number upsampling (×1, ×2, ×8, ×3): the modulation computed at zq's resolution and broadcast; the others
+    (20/8, 12/9) take the official order. Both equal the formula GroupNorm(f) · conv_y(up(zq)) + conv_b(up(zq))."""
+    from kandinsky3.models.movq import SpatialNorm
+
+    g = torch.Generator().manual_seed(feature[0])
+    norm = _randomise(SpatialNorm(16, 4, 4), 0.3)
+    f, zq = torch.randn(2, 16, *feature, generator=g), torch.randn(2, 4, *latent, generator=g)
+    up = torch.nn.functional.interpolate(zq, size=feature, mode="nearest")
+    with torch.no_grad():
+        expected = norm.norm_layer(f) * norm.conv_y(up) + norm.conv_b(up)
+        out = norm(f, zq)
+        last = norm(f.contiguous(memory_format=torch.channels_last), zq)
+    assert out.shape == f.shape and out.is_contiguous()
+    assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert (last - expected).abs().max() <= 1e-5 * expected.abs().max()

@@ -64,8 +64,18 @@ class SpatialNorm(nn.Module):
         norm_f = self.norm_layer(f)
         if zq is None:
             return norm_f
-        zq = F.interpolate(zq, size=f.shape[-2:], mode="nearest")
-        return norm_f * self.conv_y(zq) + self.conv_b(zq)
+        (h, w), (zh, zw) = f.shape[-2:], zq.shape[-2:]
+        if h % zh or w % zw:  # not a whole-number upsampling: resize zq first, as the official code does
+            zq = F.interpolate(zq, size=(h, w), mode="nearest")
+            return norm_f * self.conv_y(zq) + self.conv_b(zq)
+        # Nearest upsampling by whole factors repeats pixels, so it commutes with the 1×1 convolutions: modulate at
+        # zq's resolution and broadcast over each s×s block, instead of running two zq_channels → C convolutions at
+        # full resolution and materialising their outputs (the decoder's top level: 7 norms on 1024² × 256 maps).
+        n, c = norm_f.shape[:2]
+        blocks = norm_f.reshape(n, c, zh, h // zh, zw, w // zw)
+        scale = self.conv_y(zq)[:, :, :, None, :, None]
+        shift = self.conv_b(zq)[:, :, :, None, :, None]
+        return torch.addcmul(shift, blocks, scale).reshape(n, c, h, w)
 
 
 class ResnetBlock(nn.Module):
