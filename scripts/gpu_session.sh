@@ -25,7 +25,8 @@ export PYTHONPATH=/tmp/site:$PWD/src
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__,
       'transformers', transformers.__version__, 'bitsandbytes', b.__version__)"; } > "$OUT/environment.txt" 2>&1
 cat "$OUT/environment.txt"
-# BENCHES: single-file benchmarks at full size on the GPU, first (each ≈ 30 s)
+# BENCHES: single-file benchmarks at full size on the GPU, first (each ≈ 30 s); ADAPTER_STEPS=1, the old spelling
+[ "${ADAPTER_STEPS:-0}" = "1" ] && BENCHES="${BENCHES:-} ip_adapter_step controlnet_step"
 for bench in ${BENCHES:-}; do
     case $bench in
         ip_adapter_step|controlnet_step) args="--full --size 1024 --dtype bf16 --device cuda --repeats 9" ;;
@@ -52,9 +53,10 @@ clip=${CLIP_BUDGET:-0}
 [ "$clip" != "0" ] && stage clip configs/nano/clip_gpu_stage.yaml "$clip" runs/nano-clip-gpu
 ip=${IP_BUDGET:-0}
 if [ "$ip" != "0" ]; then
-    if [ ! -d runs/nano-clip-gpu/export ]; then
+    if [ ! -f runs/nano-clip-gpu/export/model.safetensors ]; then  # none, or cut off while exporting
         echo "no CLIP stage export: the adapter stage reads runs/nano-clip-v7-long/export"
-        mkdir -p runs/nano-clip-gpu && cp -r runs/nano-clip-v7-long/export runs/nano-clip-gpu/export
+        rm -rf runs/nano-clip-gpu/export && mkdir -p runs/nano-clip-gpu \
+            && cp -r runs/nano-clip-v7-long/export runs/nano-clip-gpu/export
     fi
     stage ip_adapter configs/nano/ip_adapter_gpu_stage.yaml "$ip" runs/nano-ip-adapter-gpu
 fi

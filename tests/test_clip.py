@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from kandinsky3.checkpoints.ip_adapter import ADAPTER_DIRS, load_image_encoder
 from kandinsky3.models.clip import ImageEncoder, nano_clip_config, nano_image_processor
-from kandinsky3.world import parse_caption, world_sample
+from kandinsky3.world import caption_scene, parse_caption, world_sample
 from kandinsky3.world.foils import ATTRIBUTES, foil_captions, foil_scene, retrieval_accuracy
 from kandinsky3.world.scene import BACKGROUNDS
 
@@ -204,12 +204,33 @@ def test_clip_recipe_continues_from_an_export_and_refuses_one_of_another_size(tm
         make_recipe(_clip_run_config(tmp_path, init=str(tmp_path / "small")), "cpu", RandomStreams(0))
     with pytest.raises(ConfigError, match="not a CLIP folder"):
         make_recipe(_clip_run_config(tmp_path, init=str(tmp_path)), "cpu", RandomStreams(0))
+    build_word_tokenizer(list(reversed(vocabulary()))).save_pretrained(tmp_path / "clip")  # same size, other ids
+    with pytest.raises(ConfigError, match="another vocabulary"):
+        make_recipe(_clip_run_config(tmp_path, init=str(tmp_path / "clip")), "cpu", RandomStreams(0))
 
 
 def test_world_captions_rendered_by_workers_are_the_same_data():
-    from kandinsky3.training.recipes.clip import WorldCaptions
+    import functools
+
+    from kandinsky3.training.data import materialise
+    from kandinsky3.training.recipes.clip import WorldCaptions, _world_captions_item
+    from kandinsky3.world.dataset import SPLIT_SEEDS
 
     one, two = WorldCaptions(40, "train", 64, 3), WorldCaptions(40, "train", 64, 3, num_workers=2)
     assert torch.equal(one.images, two.images)
     assert (one.captions, one.complete, one.foils) == (two.captions, two.complete, two.foils)
     assert len(set(one.captions)) > 30 and all(len(f) == 3 for f in one.foils)
+    # the draws every earlier run made: the complete caption first, then the foils, from one stream per render
+    for i in (0, 17, 39):
+        rng = random.Random(SPLIT_SEEDS["train"] * 31 + i)
+        scene = world_sample(i, "train", 64).scene
+        assert one.complete[i] == caption_scene(scene, rng, complete=True)
+        assert one.foils[i] == [c for c, _ in foil_captions(scene, rng, 3)]
+    # many chunks over two workers come back complete and in order, and leave the global torch stream alone
+    make = functools.partial(_world_captions_item, "train", 64, 3)
+    torch.manual_seed(0)
+    items = materialise(make, 40, num_workers=2, chunk=3)
+    after = torch.rand(1)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(1))
+    assert [x[2] for x in items] == one.complete and [x[3] for x in items] == one.foils

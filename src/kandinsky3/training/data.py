@@ -59,15 +59,20 @@ def _pickled(items) -> bytes:
     return pickle.dumps(items)
 
 
-def materialise(make, length: int, num_workers: int = 0, desc: str = "rendering") -> list:
-    """``[make(0), …, make(length - 1)]``, made by ``num_workers`` processes when > 0 (the same list, in order).
-    ``make`` must be picklable for workers: a module-level function or a ``functools.partial`` of one."""
+def materialise(make, length: int, num_workers: int = 0, desc: str = "rendering", chunk: int = 256) -> list:
+    """``[make(0), …, make(length - 1)]``, made by ``num_workers`` processes when > 0 (the same list, in order; each
+    worker makes ``chunk`` items at a time). ``make`` must be picklable for workers: a module-level function or a
+    ``functools.partial`` of one."""
     from tqdm.auto import tqdm
 
     if num_workers == 0:
         return [make(i) for i in tqdm(range(length), desc=desc, leave=False)]
     chunks = torch.utils.data.DataLoader(
-        _Items(make, length), batch_size=256, num_workers=num_workers, collate_fn=_pickled
+        _Items(make, length),
+        batch_size=chunk,
+        num_workers=num_workers,
+        collate_fn=_pickled,
+        generator=torch.Generator(),  # its seed draw must not consume the run's global torch stream
     )
     return [item for chunk in tqdm(chunks, desc=desc, leave=False) for item in pickle.loads(chunk)]
 

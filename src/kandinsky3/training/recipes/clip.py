@@ -61,8 +61,9 @@ class ClipParams:
 def _world_captions_item(split: str, size: int, k: int, i: int) -> tuple:
     s = world_sample(i, split, size)
     rng = random.Random(SPLIT_SEEDS[split] * 31 + i)
+    complete = caption_scene(s.scene, rng, complete=True)  # before the foils: the order every run so far drew
     foils = [c for c, _ in foil_captions(s.scene, rng, k)] if k else []
-    return to_tensor(s.image), s.caption, caption_scene(s.scene, rng, complete=True), foils
+    return to_tensor(s.image), s.caption, complete, foils
 
 
 class WorldCaptions(torch.utils.data.Dataset):
@@ -111,19 +112,22 @@ class ClipTrainable(nn.Module):
         return loss
 
 
-def _initial_clip(folder: str, vocab_size: int, image_size: int):
-    """The CLIP of an earlier run's export, in fp32, checked against this run's tokenizer and render size."""
-    from transformers import CLIPModel
+def _initial_clip(folder: str, tokenizer, image_size: int):
+    """The CLIP of an earlier run's export, in fp32, checked against this run's vocabulary and render size."""
+    from transformers import CLIPModel, PreTrainedTokenizerFast
 
     if not (Path(folder) / "config.json").is_file():
         raise ConfigError(f"model.init {folder!r} is not a CLIP folder (no config.json): give a clip run's export")
     clip = CLIPModel.from_pretrained(folder, dtype=torch.float32)
     vocab, size = clip.config.text_config.vocab_size, clip.config.vision_config.image_size
-    if vocab != vocab_size or size != image_size:
+    if vocab != len(tokenizer) or size != image_size:
         raise ConfigError(
-            f"model.init {folder!r} reads {vocab} words and {size} px images; this run has {vocab_size} words and "
-            f"data.size {image_size}: continue it at its own size"
+            f"model.init {folder!r} reads {vocab} words and {size} px images; this run has {len(tokenizer)} words "
+            f"and data.size {image_size}: continue it at its own size"
         )
+    if (Path(folder) / "tokenizer.json").is_file():  # same size is not enough: the same word must have the same id
+        if PreTrainedTokenizerFast.from_pretrained(folder).get_vocab() != tokenizer.get_vocab():
+            raise ConfigError(f"model.init {folder!r} was trained on another vocabulary than this run's world")
     return clip
 
 
@@ -143,7 +147,7 @@ class ClipRecipe(Recipe):
 
         self.processor = nano_image_processor(cfg.data.size)
         if m.init:
-            clip = _initial_clip(m.init, len(self.tokenizer), cfg.data.size)
+            clip = _initial_clip(m.init, self.tokenizer, cfg.data.size)
         else:
             config = nano_clip_config(
                 len(self.tokenizer),
