@@ -17,7 +17,6 @@ import time
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 
 from kandinsky3.models import MoVQ
 from kandinsky3.models.movq import SpatialNorm
@@ -26,10 +25,7 @@ from kandinsky3.registry import VARIANTS
 
 def official_forward(self, f, zq=None):
     norm_f = self.norm_layer(f)
-    if zq is None:
-        return norm_f
-    zq = F.interpolate(zq, size=f.shape[-2:], mode="nearest")
-    return norm_f * self.conv_y(zq) + self.conv_b(zq)
+    return norm_f if zq is None else self.modulate_in_official_order(norm_f, zq)
 
 
 @contextmanager

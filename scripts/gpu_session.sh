@@ -61,11 +61,5 @@ if [ "$ip" != "0" ]; then
     stage ip_adapter configs/nano/ip_adapter_gpu_stage.yaml "$ip" runs/nano-ip-adapter-gpu
 fi
 cn=${CN_BUDGET:-0}
-if [ "$cn" != "0" ]; then
-    timeout "$(python3 -c "print(int($cn * 60 + 25))")" python3 -m kandinsky3.cli train controlnet \
-        --config configs/nano/controlnet_gpu_stage.yaml --time-budget "$cn" 2>&1 | tr '\r' '\n' \
-        | grep -v -E "rendering|latents|Loading weights" > "$OUT/controlnet_stage.log"
-    tail -n 8 "$OUT/controlnet_stage.log"
-    [ -d runs/nano-controlnet-gpu/export ] && tar -C runs/nano-controlnet-gpu -cf "$OUT/controlnet_export.tar" export
-fi
+[ "$cn" != "0" ] && stage controlnet configs/nano/controlnet_gpu_stage.yaml "$cn" runs/nano-controlnet-gpu
 ls -la "$OUT"

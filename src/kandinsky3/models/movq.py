@@ -65,9 +65,8 @@ class SpatialNorm(nn.Module):
         if zq is None:
             return norm_f
         (h, w), (zh, zw) = f.shape[-2:], zq.shape[-2:]
-        if h % zh or w % zw:  # not a whole-number upsampling: resize zq first, as the official code does
-            zq = F.interpolate(zq, size=(h, w), mode="nearest")
-            return norm_f * self.conv_y(zq) + self.conv_b(zq)
+        if h % zh or w % zw:  # not a whole-number upsampling
+            return self.modulate_in_official_order(norm_f, zq)
         # Nearest upsampling by whole factors repeats pixels, so it commutes with the 1×1 convolutions: modulate at
         # zq's resolution and broadcast over each s×s block, instead of running two zq_channels → C convolutions at
         # full resolution and materialising their outputs (the decoder's top level: 7 norms on 1024² × 256 maps).
@@ -76,6 +75,11 @@ class SpatialNorm(nn.Module):
         scale = self.conv_y(zq)[:, :, :, None, :, None]
         shift = self.conv_b(zq)[:, :, :, None, :, None]
         return torch.addcmul(shift, blocks, scale).reshape(n, c, h, w)
+
+    def modulate_in_official_order(self, norm_f: torch.Tensor, zq: torch.Tensor) -> torch.Tensor:
+        """zq resized to the feature map first, then the 1×1 convolutions at full resolution (the official code)."""
+        zq = F.interpolate(zq, size=norm_f.shape[-2:], mode="nearest")
+        return norm_f * self.conv_y(zq) + self.conv_b(zq)
 
 
 class ResnetBlock(nn.Module):
