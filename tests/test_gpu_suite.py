@@ -78,7 +78,7 @@ def test_smoke_covers_every_section(suite, smoke):
     assert any("whole image" in n for n in names["superres"]) and len(names["superres"]) == 3
     assert len(names["budget16"]) == 1 and len(names["training"]) == 2
     assert len(names["text_encoder"]) == 3  # resident, streamed one block at a time, 8-bit (skipped: CUDA)
-    assert len(names["profile"]) == 2
+    assert len(names["profile"]) == 3  # U-Net step, 3-step pipeline, MoVQ decode
     assert result["sections"]["unet_compiled"]["status"] == "skipped"  # compile costs minutes on a CPU
 
 
@@ -104,8 +104,8 @@ def test_smoke_numbers_are_consistent(smoke):
 
 def test_smoke_writes_the_profile_tables(smoke_dir):
     text = (smoke_dir / "profile.txt").read_text()
-    assert "## U-Net step, batch 2" in text and "## base pipeline, 3 steps" in text
-    assert text.count("### by self_cpu_time_total") == 2 and "aten::" in text
+    assert "## U-Net step, batch 2" in text and "## base pipeline, 3 steps" in text and "## MoVQ decode" in text
+    assert text.count("### by self_cpu_time_total") == 3 and "aten::" in text
 
 
 def test_smoke_markdown_renders(suite, smoke):
@@ -163,3 +163,19 @@ def test_mfu_uses_the_device_peak(suite, tmp_path):
     s = suite.Suite(args)
     row = s.row("x", "y", seconds=0.5, flops=250e12)
     assert row["tflops"] == pytest.approx(500.0) and row["mfu"] == pytest.approx(0.5)
+
+
+def test_movq_compiled_rows_in_both_layouts(suite, tmp_path):
+    """The decode-compile section's wiring (dynamo with the eager backend: the traced graph, not inductor's kernels),
+    so the rows the next lent GPU fills cannot rot: one per layout, each checked against the eager decode."""
+    result = suite.main(
+        ["--smoke", "--device", "cpu", "--sections", "movq_compiled", "--smoke-compile", "--compile-backend", "eager"]
+        + ["--out", str(tmp_path)]
+    )
+    assert result["sections"]["movq_compiled"]["status"] == "ok", result["sections"]
+    rows = {r["row"].split(" ", 3)[-1]: r for r in result["rows"]}
+    assert set(rows) == {"compiled", "compiled + channels_last"}, list(rows)
+    for row in rows.values():
+        assert "error" not in row and row["seconds"] > 0 and row["eager_seconds"] > 0 and row["compile_s"] > 0
+    assert rows["compiled"]["max_abs_diff_vs_eager"] == 0  # the same ops, traced
+    assert rows["compiled + channels_last"]["max_abs_diff_vs_eager"] < 1e-4  # the layout changes the sums' order only
