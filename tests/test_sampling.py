@@ -180,3 +180,9 @@ def test_one_timestep_needs_no_copy_to_the_latents_device():
     assert schedule.q_sample(x, 500, x).device.type == "meta"  # the scalar mixes with the meta latents
     per_sample = schedule.abar(torch.tensor([1, 999]), torch.empty(2, 4, 8, 8))
     assert per_sample.shape == (2, 1, 1, 1) and per_sample[1, 0, 0, 0] == schedule.alphas_cumprod[999]
+    # the training recipes' and the inpainting eval's (B,) values: the table's own entries, from one copy per device
+    t = torch.tensor([3, 3, 700])
+    flat = schedule.abar_per_sample(t)
+    assert flat.shape == (3,) and torch.equal(flat, schedule.alphas_cumprod[t])
+    assert torch.equal(schedule.abar_per_sample(t.float()), flat)  # float timesteps, as the U-Net wrapper gets them
+    assert list(schedule._tables) == [torch.device("cpu")]  # one copy of the table, reused

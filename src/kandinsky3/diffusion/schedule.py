@@ -48,9 +48,13 @@ class NoiseSchedule:
         host-to-device copy, so no stream sync in the sampler loop (a blocking copy of even 4 bytes waits for every
         kernel queued before it). Per-sample timesteps (training) are gathered on their own device."""
         if isinstance(t, torch.Tensor) and t.ndim:
-            a = self._table(t.device)[t.long()].to(like.device, torch.float32)
+            a = self.abar_per_sample(t).to(like.device)
             return a.reshape(-1, *([1] * (like.ndim - 1)))
         return self.alphas_cumprod[int(t)]
+
+    def abar_per_sample(self, t: torch.Tensor) -> torch.Tensor:
+        """ᾱ of (B,) timesteps as a (B,) float32 tensor on their device (the table is copied there once)."""
+        return self._table(t.device)[t.long()]
 
     def _table(self, device: torch.device) -> torch.Tensor:
         if device not in self._tables:

@@ -135,7 +135,7 @@ class LatentBlending(torch.nn.Module):
         known = self.known.to(eps.device, eps.dtype)
         if known.shape[0] != x.shape[0]:
             known = known.repeat(x.shape[0] // known.shape[0], 1, 1, 1)
-        abar = self.schedule.alphas_cumprod.to(eps.device)[time.long()].to(eps.dtype).view(-1, 1, 1, 1)
+        abar = self.schedule.abar_per_sample(time.to(eps.device)).to(eps.dtype).view(-1, 1, 1, 1)
         x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
         x0 = keep * known + (1 - keep) * x0
         return (x - abar.sqrt() * x0) / (1 - abar).sqrt()

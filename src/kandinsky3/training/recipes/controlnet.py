@@ -171,7 +171,7 @@ class ControlNetRecipe(Recipe):
         loss = weighted_square_error(eps, noise, batch).mean(dim=(1, 2, 3))
         cap = self.params.x0_weight_cap
         if cap:  # x0-space error ∝ ε error / SNR: the steps that decide the layout count most
-            abar = self.schedule.alphas_cumprod.to(t.device)[t]
+            abar = self.schedule.abar_per_sample(t)
             loss = loss * ((1 - abar) / abar).clamp(max=cap)
         return {"loss": loss.mean()}
 

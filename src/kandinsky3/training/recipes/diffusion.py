@@ -128,7 +128,7 @@ class DiffusionTrainable(nn.Module):
         extra = batch.get("extra_channels")  # the inpainting recipe's [keep-mask, masked-image latent], else None
         # the latent cells the loss treats as known: the U-Net's own keep-mask, or the inpainting recipe's strict one
         keep = batch.get("known_cells", extra[:, :1] if extra is not None else None)
-        abar = self.schedule.alphas_cumprod.to(t.device)[t]
+        abar = self.schedule.abar_per_sample(t)
         if self.known_region_drift and extra is not None:
             offset = known_region_drift(latents, keep, abar, self.known_region_drift, generator)
             x_t = x_t + (1 - abar).sqrt().view(-1, 1, 1, 1) * offset
