@@ -851,10 +851,11 @@ class Suite:
             def build(name=name, fmt=fmt):
                 model = copy.deepcopy(m).to(memory_format=fmt) if fmt is torch.channels_last else m
                 zz = z.contiguous(memory_format=fmt)
-                decode = torch.compile(
-                    lambda x: model.decode(x, tiled=False),
+                decode = torch.compile(  # static shapes and strides: the second layout's compile of this same
+                    lambda x: model.decode(x, tiled=False),  # lambda would otherwise mark its strides dynamic
                     mode=self.args.compile_mode,
                     backend=self.args.compile_backend,
+                    dynamic=False,
                 )
                 t0 = time.perf_counter()
                 with torch.no_grad():

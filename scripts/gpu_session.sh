@@ -5,9 +5,8 @@
 #   SUITE_BUDGET  seconds for the suite (default 360; 0: skipped); SUITE_ARGS  extra suite arguments, e.g. the order
 #                 "--sections profile,pipelines_graph,unet_compiled,movq_compiled,budget16,text_encoder,unet_step,superres"
 #   BENCHES       first, benchmarks at full size (1024², bf16), e.g. "ip_adapter_step controlnet_step movq_spatial_norm"
-#   CLIP_BUDGET   minutes for configs/nano/clip_gpu_stage2.yaml (default 0: skipped; carry runs/nano-clip-after-gpu/export)
-#   IP_BUDGET     minutes for configs/nano/ip_adapter_gpu_stage.yaml, on the CLIP stage's export (carry the adapter its
-#                 `init:` names; without a CLIP stage export it reads runs/nano-clip-after-gpu/export)
+#   IP_BUDGET     minutes for configs/nano/ip_adapter_gpu_stage.yaml (default 0: skipped; carry the CLIP and the
+#                 adapter its `Needs:` line names)
 #   CN_BUDGET     minutes for configs/nano/controlnet_gpu_stage.yaml (default 0: skipped)
 # Before the call (here): the wheels the device lacks go in .whl (diffusers, bitsandbytes reduced to its CUDA 13
 # libraries, importlib_metadata; docs/performance.md), carried. The tracked tree is over the tool's 64 MiB, so take
@@ -49,17 +48,8 @@ stage() {
     echo "$1 stage rc $?"; tail -n 4 "$OUT/$(basename "$4").log"
     [ -d "$4/export" ] && tar -C "$4" -cf "$OUT/$(basename "$4").tar" export log.jsonl
 }
-clip=${CLIP_BUDGET:-0}
-[ "$clip" != "0" ] && stage clip configs/nano/clip_gpu_stage2.yaml "$clip" runs/nano-clip-gpu2
 ip=${IP_BUDGET:-0}
-if [ "$ip" != "0" ]; then
-    if [ ! -f runs/nano-clip-gpu2/export/model.safetensors ]; then  # none, or cut off while exporting
-        echo "no CLIP stage export: the adapter stage reads runs/nano-clip-after-gpu/export"
-        rm -rf runs/nano-clip-gpu2/export && mkdir -p runs/nano-clip-gpu2 \
-            && cp -r runs/nano-clip-after-gpu/export runs/nano-clip-gpu2/export
-    fi
-    stage ip_adapter configs/nano/ip_adapter_gpu_stage.yaml "$ip" runs/nano-ip-adapter-gpu
-fi
+[ "$ip" != "0" ] && stage ip_adapter configs/nano/ip_adapter_gpu_stage.yaml "$ip" runs/nano-ip-adapter-gpu
 cn=${CN_BUDGET:-0}
 [ "$cn" != "0" ] && stage controlnet configs/nano/controlnet_gpu_stage.yaml "$cn" runs/nano-controlnet-gpu
 ls -la "$OUT"
