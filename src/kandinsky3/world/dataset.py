@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -92,3 +93,13 @@ class ShapesDataset(torch.utils.data.Dataset):
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """(3, H, W) in [-1, 1]."""
     return pil_to_tensor(image)[0]
+
+
+def pil_to_bytes(image: Image.Image) -> torch.Tensor:
+    """(3, H, W) uint8: a render's own pixels, a quarter of ``to_tensor``'s memory."""
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+def bytes_to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (…, 3, H, W) → float32 in [-1, 1], bit for bit what ``to_tensor`` gives for the same render."""
+    return pixels.float() / 127.5 - 1.0
