@@ -17,9 +17,10 @@ import json
 import random
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
+
+from ..world.dataset import pil_to_bytes
 
 REGION_PROMPTS = ("caption", "class")
 
@@ -29,10 +30,6 @@ def _pad_boxes(boxes: list, max_objects: int) -> torch.Tensor:
     for i, b in enumerate(boxes[:max_objects]):
         out[i] = torch.tensor(b, dtype=torch.float32)
     return out
-
-
-def _uint8(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
 def world_region_prompt(obj, rng: random.Random, mode: str) -> str:
@@ -61,7 +58,7 @@ class WorldRegions(torch.utils.data.Dataset):
             rng = random.Random(SPLIT_SEEDS[split] + i * 7919 + 1)
             self.captions.append(s.caption)
             self.regions.append([world_region_prompt(o, rng, region_prompts) for o in s.scene.objects])
-            pixels.append(_uint8(s.image))
+            pixels.append(pil_to_bytes(s.image))
             boxes.append(_pad_boxes(render(s.scene, size).boxes, 3))
         self.tensors = {"image": torch.stack(pixels), "boxes": torch.stack(boxes)}
 
@@ -161,7 +158,7 @@ class CocoRegions(torch.utils.data.Dataset):
         return {
             "caption": caption,
             "regions": prompts[: self.max_objects],
-            "image": _uint8(image),
+            "image": pil_to_bytes(image),
             "boxes": _pad_boxes(boxes, self.max_objects),
         }
 

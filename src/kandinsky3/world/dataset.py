@@ -101,5 +101,6 @@ def pil_to_bytes(image: Image.Image) -> torch.Tensor:
 
 
 def bytes_to_unit(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels (…, 3, H, W) → float32 in [-1, 1], bit for bit what ``to_tensor`` gives for the same render."""
+    """uint8 pixels (…, 3, H, W) → float32 in [-1, 1], bit for bit what ``to_tensor`` gives for the same render
+    (on the CPU; a CUDA division by a scalar may round 1 ulp apart)."""
     return pixels.float() / 127.5 - 1.0

@@ -27,6 +27,7 @@ from ...checkpoints.io import load_into
 from ...diffusion.inpainting import inpainting_channels
 from ...models.config import ConfigError
 from ...registry import INPAINTING_THRESHOLD_PERCENTILE
+from ...world.dataset import bytes_to_unit
 from ..masks import MaskMixture, MaskSampler, as_numpy_generator
 from ..region_data import REGION_PROMPTS, CocoRegions, WorldRegions
 from .base import evaluating, image_grid
@@ -126,7 +127,7 @@ def strictly_known_cells(repaint: torch.Tensor, latent_size) -> torch.Tensor:
 
 def _float_pixels(pixels: torch.Tensor) -> torch.Tensor:
     """uint8 (as stored) → [−1, 1] exactly as ``images.pil_to_tensor``."""
-    return pixels.float() / 127.5 - 1.0 if pixels.dtype == torch.uint8 else pixels.float()
+    return bytes_to_unit(pixels) if pixels.dtype == torch.uint8 else pixels.float()
 
 
 class InpaintingRecipe(DiffusionRecipe):
