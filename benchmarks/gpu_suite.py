@@ -389,6 +389,27 @@ class Suite:
                 traceback=tb[-2000:],
             )
 
+    def compiled_first_call(self, section, label, make, ref):
+        """Compile: ``make()`` returns the compiled zero-argument callable; its first call (the compilation) is
+        timed and its output compared with ``ref``. Returns ``(fn, compile seconds, max |Δ|)``, or None when under
+        ``--compile-reserve`` seconds are left or the compilation failed (the row says which)."""
+        if self.left() < self.args.compile_reserve:
+            self.row(section, label, skip=f"under {self.args.compile_reserve:.0f} s of the time budget left")
+            return None
+        result = []
+
+        def build():
+            fn = make()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                out = fn()
+            sync(self.device)
+            result.append((fn, time.perf_counter() - t0, max_abs(out, ref)))
+            print(f"  [{section}] {label}: compiled in {result[0][1]:.1f} s, max |Δ| vs eager {result[0][2]:.3g}")
+
+        self.guarded(section, label, build)
+        return result[0] if result else None
+
     # -- the run ------------------------------------------------------------------------------------------------
 
     def run(self, names) -> dict:
@@ -465,6 +486,13 @@ class Suite:
             config = self.variant("base").movq
             self.cache[key] = build_on(self.device, dtype or self.dtype, lambda: MoVQ(config), 3)
         return self.cache[key]
+
+    def decode_input(self, side: int) -> torch.Tensor:
+        """The latent a ``side``² image decodes from (seeded; the decode-compile and profile rows share it)."""
+        config = self.variant("base").movq
+        f = config.downsample_factor
+        z = torch.randn(1, config.embed_dim, side // f, side // f, generator=torch.Generator().manual_seed(9))
+        return z.to(self.device, self.dtype)
 
     def t5(self):
         key = ("t5", self.dtype)
@@ -729,24 +757,15 @@ class Suite:
             ref = ours(x, t, ctx, mask)
         compiled, compile_s, diffs = {}, {}, {}
         for name in wanted:
-            if self.left() < self.args.compile_reserve:
-                self.row(s, table[name][2], skip=f"under {self.args.compile_reserve:.0f} s of the time budget left")
-                continue
             model, call, label = table[name]
 
-            def build(name=name, model=model, call=call):
+            def make(model=model, call=call):
                 c = torch.compile(model, mode=mode, backend=self.args.compile_backend)
-                t0 = time.perf_counter()
-                with torch.no_grad():
-                    out = call(c)
-                sync(self.device)
-                compile_s[name] = time.perf_counter() - t0
-                diffs[name] = max_abs(out, ref)
-                compiled[name] = lambda: call(c)
-                print(f"  [{s}] compiled {name} in {compile_s[name]:.1f} s, max |Δ| vs ours eager {diffs[name]:.3g}")
+                return lambda: call(c)
 
-            if self.guarded(s, label, build) is not None:  # a failed compile became an error row
-                compiled.pop(name, None)
+            built = self.compiled_first_call(s, label, make, ref)
+            if built is not None:
+                compiled[name], compile_s[name], diffs[name] = built
         if not compiled:
             return
         med, _ = side_by_side(compiled, self.device, self.repeats, warmup=2)
@@ -828,27 +847,15 @@ class Suite:
         s = "movq_compiled"
         if self.sizes.smoke and not self.args.smoke_compile:
             raise Skip("torch.compile on a CPU costs minutes (dynamo tracing alone ~15 s for the tiny U-Net here)")
-        config = self.variant("base").movq
-        m = self.movq()
-        side = self.sizes.image
-        z = torch.randn(
-            1,
-            config.embed_dim,
-            side // config.downsample_factor,
-            side // config.downsample_factor,
-            generator=torch.Generator().manual_seed(9),
-        ).to(self.device, self.dtype)
+        m, side = self.movq(), self.sizes.image
+        z = self.decode_input(side)
         with torch.no_grad():
             ref = m.decode(z, tiled=False)
         layouts = {"compiled": torch.contiguous_format, "compiled + channels_last": torch.channels_last}
         fns, compile_s, diffs = {"eager": lambda: m.decode(z, tiled=False)}, {}, {}
         for name, fmt in layouts.items():
-            label = f"{side}² whole {self.dtype_name} {name}"
-            if self.left() < self.args.compile_reserve:
-                self.row(s, label, skip=f"under {self.args.compile_reserve:.0f} s of the time budget left")
-                continue
 
-            def build(name=name, fmt=fmt):
+            def make(fmt=fmt):
                 model = copy.deepcopy(m).to(memory_format=fmt) if fmt is torch.channels_last else m
                 zz = z.contiguous(memory_format=fmt)
                 decode = torch.compile(  # static shapes and strides: the second layout's compile of this same
@@ -857,16 +864,11 @@ class Suite:
                     backend=self.args.compile_backend,
                     dynamic=False,
                 )
-                t0 = time.perf_counter()
-                with torch.no_grad():
-                    out = decode(zz)
-                sync(self.device)
-                compile_s[name] = time.perf_counter() - t0
-                diffs[name] = max_abs(out, ref)
-                fns[name] = lambda: decode(zz)
-                print(f"  [{s}] compiled the decode ({name}) in {compile_s[name]:.1f} s, max |Δ| {diffs[name]:.3g}")
+                return lambda: decode(zz)
 
-            self.guarded(s, label, build)
+            built = self.compiled_first_call(s, f"{side}² whole {self.dtype_name} {name}", make, ref)
+            if built is not None:
+                fns[name], compile_s[name], diffs[name] = built
         if len(fns) == 1:
             return
         with torch.no_grad():
@@ -1196,11 +1198,8 @@ class Suite:
         device_key = "self_device_time_total" if self.cuda else "self_cpu_time_total"
         ours, _theirs, x, t, _raw, ctx, mask = self._diffusers_pair()
         pipe = self.pipeline("base")
-        movq = self.movq()
-        f = movq.config.downsample_factor
-        side = self.sizes.image
-        z = torch.randn(1, movq.config.embed_dim, side // f, side // f, generator=torch.Generator().manual_seed(9))
-        z = z.to(self.device, self.dtype)
+        movq, side = self.movq(), self.sizes.image
+        z = self.decode_input(side)
         runs = {
             "U-Net step, batch 2": lambda: ours(x, t, ctx, mask),
             "base pipeline, 3 steps + guidance, batch 1": lambda: self._run_pipeline(pipe, "base", 1, 3),
