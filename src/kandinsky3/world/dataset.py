@@ -100,7 +100,7 @@ def pil_to_bytes(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
-def bytes_to_unit(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels (…, 3, H, W) → float32 in [-1, 1], bit for bit what ``to_tensor`` gives for the same render
-    (on the CPU; a CUDA division by a scalar may round 1 ulp apart)."""
-    return pixels.float() / 127.5 - 1.0
+def float_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """Stored pixels (…, 3, H, W) → float32 in [-1, 1]: uint8 ones bit for bit as ``to_tensor`` reads the same
+    render (on the CPU; a CUDA division by a scalar may round 1 ulp apart), float ones as they are."""
+    return pixels.float() / 127.5 - 1.0 if pixels.dtype == torch.uint8 else pixels.float()

@@ -27,7 +27,7 @@ from ...checkpoints.io import load_into
 from ...diffusion.inpainting import inpainting_channels
 from ...models.config import ConfigError
 from ...registry import INPAINTING_THRESHOLD_PERCENTILE
-from ...world.dataset import bytes_to_unit
+from ...world.dataset import float_pixels
 from ..masks import MaskMixture, MaskSampler, as_numpy_generator
 from ..region_data import REGION_PROMPTS, CocoRegions, WorldRegions
 from .base import evaluating, image_grid
@@ -125,11 +125,6 @@ def strictly_known_cells(repaint: torch.Tensor, latent_size) -> torch.Tensor:
     return (F.adaptive_max_pool2d((repaint > 0).float(), latent_size) == 0).float()
 
 
-def _float_pixels(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 (as stored) → [−1, 1] exactly as ``images.pil_to_tensor``."""
-    return bytes_to_unit(pixels) if pixels.dtype == torch.uint8 else pixels.float()
-
-
 class InpaintingRecipe(DiffusionRecipe):
     Params = InpaintingParams
 
@@ -173,7 +168,7 @@ class InpaintingRecipe(DiffusionRecipe):
         if tensors is None or "image" not in tensors:
             return
         pixels = tensors["image"]  # uint8: the masked images are made from these at every step
-        tensors["image"] = _float_pixels(pixels)
+        tensors["image"] = float_pixels(pixels)
         super()._cache_latents()
         tensors["pixels"] = pixels
 
@@ -195,7 +190,7 @@ class InpaintingRecipe(DiffusionRecipe):
     def prepare(self, batch, ctx):
         gen = ctx.generator("cpu")
         repaint, prompts, _ = self.sample_masks(batch, gen)
-        pixels = _float_pixels(batch["pixels"] if "pixels" in batch else batch["image"]).to(self.device)
+        pixels = float_pixels(batch["pixels"] if "pixels" in batch else batch["image"]).to(self.device)
         with torch.no_grad():
             extra = inpainting_channels(self.movq.encode, pixels, repaint.to(self.device))
             latents = batch["latents"].to(self.device) if "latents" in batch else self.movq.encode(pixels).float()

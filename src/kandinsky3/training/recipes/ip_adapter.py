@@ -34,7 +34,7 @@ from ...models.ip_adapter import IPAdapter, IPAdapterConfig
 from ...models.seeding import drawing_from
 from ...world import BACKGROUNDS, caption_scene, render
 from ...world.captions import BACKGROUND_TEMPLATES
-from ...world.dataset import SPLIT_SEEDS, bytes_to_unit, makes_twins, pil_to_bytes, world_sample
+from ...world.dataset import SPLIT_SEEDS, float_pixels, makes_twins, pil_to_bytes, world_sample
 from ...world.judge import judge
 from ..data import materialise
 from ..object_weighting import batch_pixel_weight, check_object_weight, object_coverage, weighted_square_error
@@ -128,7 +128,7 @@ class WorldReferences(torch.utils.data.Dataset):
         return {
             "caption": self.captions[i],
             "background_caption": self.backgrounds[i],
-            **{k: bytes_to_unit(v[i]) if v.dtype == torch.uint8 else v[i] for k, v in self.tensors.items()},
+            **{k: float_pixels(v[i]) if k in ("image", "reference") else v[i] for k, v in self.tensors.items()},
         }
 
 
@@ -197,15 +197,12 @@ class IPAdapterRecipe(Recipe):
         latents, embeds, objects = [], [], []
         from tqdm.auto import tqdm
 
-        def unit(x):  # a chunk of 8-bit renders in [-1, 1] (a float dataset passes through)
-            return bytes_to_unit(x) if x.dtype == torch.uint8 else x
-
         for chunk in tqdm(range(0, len(images), 256), desc="encoding", leave=False):
-            part = unit(images[chunk : chunk + 256])
+            part = float_pixels(images[chunk : chunk + 256])
             if self.params.object_weight != 1:
                 objects.append(object_coverage(part, self.base_variant.movq.downsample_factor))
             latents.append(self.movq.encode_untiled(part.to(self.device)).float().cpu())
-            embeds.append(self._embed(unit(refs[chunk : chunk + 256])).cpu())
+            embeds.append(self._embed(float_pixels(refs[chunk : chunk + 256])).cpu())
         if objects:
             tensors["objects"] = torch.cat(objects)
         tensors["latents"], tensors["embeds"] = torch.cat(latents), torch.cat(embeds)
