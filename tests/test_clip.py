@@ -234,3 +234,16 @@ def test_world_captions_rendered_by_workers_are_the_same_data():
     torch.manual_seed(0)
     assert torch.equal(after, torch.rand(1))
     assert [x[2] for x in items] == one.complete and [x[3] for x in items] == one.foils
+
+
+def test_world_captions_keep_8_bit_renders_read_as_the_float_ones():
+    """The clip recipe's world data stores each render's uint8 pixels; what a batch reads is ``to_tensor``'s
+    [-1, 1] render bit for bit (so the CLIPs trained before the change see the same inputs)."""
+    from kandinsky3.training.recipes.clip import WorldCaptions
+    from kandinsky3.world.dataset import float_pixels, to_tensor
+
+    data = WorldCaptions(3, "train", 64, k=2)
+    assert data.images.dtype == torch.uint8 and data.images.shape == (3, 3, 64, 64)
+    for i in range(3):
+        assert torch.equal(float_pixels(data[i]["image"]), to_tensor(world_sample(i).image))
+        assert data[i]["caption"] == world_sample(i).caption and len(data[i]["foils"]) == 2

@@ -96,6 +96,30 @@ def test_object_weight_weights_the_loss_towards_the_pictures_objects(tmp_path, c
         config(tmp_path, clip_folder, object_weight=0.5)
 
 
+def test_teacher_target_is_the_frozen_unets_own_prediction_with_the_full_caption(tmp_path, clip_folder):
+    """With ``to_out_ip`` at its zero init and the full caption kept, the student computes the teacher (the
+    plain U-Net with that caption), so a pure teacher target gives a zero loss where the ε target does not; with
+    ``background_caption`` the student's text differs and the loss is back; image-dropped samples keep ε."""
+    plain = dict(drop_image=0.0, drop_text=0.0, drop_both=0.0, background_caption=0.0)
+    recipe = make_recipe(config(tmp_path, clip_folder, teacher_target=1.0, **plain), "cpu", RandomStreams(0))
+    assert all(not layer.to_out_ip.weight.any() for _, layer in recipe.trainable.adapter.layers())
+    batch = recipe.collate([recipe.dataset[i] for i in range(4)])
+
+    def loss(r, **override):
+        prepared = {**r.prepare(batch, StepContext(1, RandomStreams(0))), **override}
+        return r.step(r.modules, prepared, StepContext(1, RandomStreams(0)))["loss"]
+
+    assert loss(recipe) < 1e-12  # the image path adds zeros; the kernels differ in the last bits
+    eps_loss = loss(make_recipe(config(tmp_path / "eps", clip_folder, **plain), "cpu", RandomStreams(0)))
+    assert eps_loss > 1e-4
+    assert torch.allclose(loss(recipe, no_image=torch.ones(4, dtype=torch.bool)), eps_loss)
+    short = {**plain, "background_caption": 1.0}
+    short = make_recipe(config(tmp_path / "short", clip_folder, teacher_target=1.0, **short), "cpu", RandomStreams(0))
+    assert loss(short) > 1e-6
+    with pytest.raises(ValueError, match="teacher_target must be in"):
+        config(tmp_path, clip_folder, teacher_target=1.5)
+
+
 def test_condition_dropout_and_the_frozen_parts(tmp_path, clip_folder):
     cfg = config(tmp_path, clip_folder, drop_image=0.0, drop_text=0.0, drop_both=1.0)
     recipe = make_recipe(cfg, "cpu", RandomStreams(0))
