@@ -101,6 +101,8 @@ def test_object_coverage_is_the_share_of_each_latent_pixel_off_the_background():
     expected[0, 0, 1, 0] = 1.0
     expected[1, 0, 0, 0] = 0.5
     assert torch.equal(coverage, expected)
+    many = image.repeat(600, 1, 1, 1)  # 1200 images: computed in two parts, the same per image
+    assert torch.equal(object_coverage(many, 8), expected.repeat(600, 1, 1, 1))
     # a world render: its objects cover some of it, the plain background the rest
     render = pil_to_tensor(world_sample(0, "val").image)
     share = object_coverage(render, 8).mean().item()

@@ -20,7 +20,10 @@ def check_object_weight(object_weight: float) -> None:
 def object_coverage(images: torch.Tensor, factor: int, threshold: float = 0.1) -> torch.Tensor:
     """Share of each ``factor``×``factor`` patch (one latent pixel) that is not background, (B, 1, H/f, W/f) in
     [0, 1], for images in [-1, 1] on a plain background (the shapes world): a pixel is background when every
-    channel is within ``threshold`` of the median of the image's border pixels."""
+    channel is within ``threshold`` of the median of the image's border pixels. Works through a large dataset
+    tensor 1024 images at a time (the float copies of all of them at once would double a recipe's memory)."""
+    if len(images) > 1024:
+        return torch.cat([object_coverage(part, factor, threshold) for part in images.split(1024)])
     x = images.float()
     border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], dim=-1)  # (B, 3, 4W)
     background = border.median(dim=-1).values[..., None, None]
