@@ -12,7 +12,7 @@ from kandinsky3.checkpoints.ip_adapter import ADAPTER_DIRS, load_image_encoder
 from kandinsky3.models.clip import ImageEncoder, nano_clip_config, nano_image_processor
 from kandinsky3.world import caption_scene, parse_caption, world_sample
 from kandinsky3.world.foils import ATTRIBUTES, foil_captions, foil_scene, retrieval_accuracy
-from kandinsky3.world.scene import BACKGROUNDS
+from kandinsky3.world.scene import BACKGROUNDS, SHAPES
 
 
 def differences(a, b) -> list[str]:
@@ -107,6 +107,19 @@ def test_clip_loss_is_symmetric_infonce_plus_the_hard_negative_term():
     hard = torch.stack([scale * txt[b + i * (1 + k) : b + (i + 1) * (1 + k)] @ img[i] for i in range(b)])
     expected = expected + 0.5 * F.cross_entropy(hard, torch.zeros(b, dtype=torch.long))
     assert torch.allclose(loss, expected, atol=1e-5)
+
+    # the shape-prompt term: the renders with a shape label rank the four prompts; -1 (not one object) is skipped
+    prompt_ids = torch.randint(3, 50, (4, 3), generator=g)
+    prompt_ids[:, -1] = 1
+    shapes = torch.tensor([2, -1, 0])
+    batch = {"pixels": pixels, "ids": ids, "mask": mask, "shape": shapes, "shape_ids": prompt_ids,
+             "shape_mask": torch.ones_like(prompt_ids)}  # fmt: skip
+    with_prompts = ClipTrainable(clip, 0.5, shape_prompt_weight=0.7)(batch)
+    prompts = clip.get_text_features(input_ids=prompt_ids, attention_mask=batch["shape_mask"])
+    prompts = F.normalize(feats(prompts), dim=-1)
+    by_hand = [F.cross_entropy((scale * img[i] @ prompts.T)[None], shapes[i : i + 1]) for i in (0, 2)]
+    assert torch.allclose(with_prompts, expected + 0.7 * torch.stack(by_hand).mean(), atol=1e-5)
+    assert torch.allclose(ClipTrainable(clip, 0.5)(batch), expected, atol=1e-6)  # weight 0: the term is off
 
 
 def test_clip_recipe_trains_and_exports_a_loadable_encoder(tmp_path):
@@ -247,3 +260,29 @@ def test_world_captions_keep_8_bit_renders_read_as_the_float_ones():
     for i in range(3):
         assert torch.equal(float_pixels(data[i]["image"]), to_tensor(world_sample(i).image))
         assert data[i]["caption"] == world_sample(i).caption and len(data[i]["foils"]) == 2
+        objects = world_sample(i).scene.objects
+        assert data[i]["shape"] == (SHAPES.index(objects[0].shape) if len(objects) == 1 else -1)
+
+
+def test_shape_prompt_accuracy_reads_the_shape_by_the_prompts_a_shape():
+    """Fake embedders: images → one-hot of their true shape (looked up by pixels) score 1; every image embedded as
+    "a star" scores the share of stars; the prompts are the four "a <shape>"."""
+    from kandinsky3.world.foils import shape_prompt_accuracy
+
+    samples = [world_sample(i, "val", 64, num_objects=1) for i in range(30)]
+    shape_of = {s.image.tobytes(): SHAPES.index(s.scene.objects[0].shape) for s in samples}
+    seen = []
+
+    def texts(strings):
+        seen.extend(strings)
+        return torch.eye(4)[[SHAPES.index(s.removeprefix("a ")) for s in strings]]
+
+    def true_images(images):
+        return torch.eye(4)[[shape_of[im.tobytes()] for im in images]]
+
+    assert shape_prompt_accuracy(true_images, texts, 30) == 1.0
+    assert seen == [f"a {shape}" for shape in SHAPES]
+    stars = sum(s.scene.objects[0].shape == "star" for s in samples) / 30
+    assert 0 < stars < 1
+    star = torch.eye(4)[SHAPES.index("star")]
+    assert shape_prompt_accuracy(lambda images: star.expand(len(images), 4), texts, 30) == stars

@@ -99,3 +99,19 @@ def retrieval_accuracy(
                 beats.setdefault(attribute, []).append(bool(row[0] > sim))
     by = {a: sum(v) / len(v) for a, v in sorted(beats.items())}
     return RetrievalReport(len(items), foils, wins / max(1, len(items)), by)
+
+
+def shape_prompt_accuracy(embed_images: Callable, embed_texts: Callable, num: int, split: str = "val", size: int = 64):
+    """Zero-shot shape of ``num`` one-object renders from the prompts "a <shape>": a context-free prompt is one fixed
+    vector, so this is how well one linear map reads shape from the image embedding (what the IP-Adapter's linear
+    projection has to do; the one-attribute foils only test shape within a caption's context)."""
+    samples = [world_sample(i, split, size, num_objects=1) for i in range(num)]
+    prompts = torch.nn.functional.normalize(embed_texts([f"a {shape}" for shape in SHAPES]).float(), dim=-1)
+    right = 0
+    for chunk in range(0, num, 100):
+        part = samples[chunk : chunk + 100]
+        img = torch.nn.functional.normalize(embed_images([s.image for s in part]).float(), dim=-1)
+        guess = (img @ prompts.T).argmax(dim=1).tolist()
+        right += sum(SHAPES[g] == s.scene.objects[0].shape for g, s in zip(guess, part))
+    return right / max(1, num)
+

@@ -7,6 +7,13 @@ ranks its complete caption against ``hard_negatives`` foil captions that differ 
 shape, size, position of one object, or the background; ``world/foils.py``). Random in-batch negatives almost never
 differ in one attribute only, and telling those apart is what the IP-Adapter needs from the embedding and what the
 zero-shot retrieval check measures.
+
+**Shape prompts.** ``shape_prompt_weight`` > 0 adds CLIP's own zero-shot classification as a term: every
+one-object render ranks the prompt "a <its shape>" against the other shapes' prompts. The one-attribute foils
+teach the embedding to tell shapes apart *within a caption's context* — the shape direction may depend on the
+colour, the position and the background — and a context-free prompt's embedding is one fixed vector, so this term
+asks for shape to be readable by one linear map from the image embedding, which is what the IP-Adapter's linear
+image projection can use (docs/ip_adapter.md, "Seventh runs").
 """
 
 from __future__ import annotations
@@ -25,9 +32,9 @@ from ...models.clip import clip_embedders, nano_clip_config, nano_image_processo
 from ...models.config import ConfigError
 from ...models.seeding import drawing_from
 from ...models.text import build_word_tokenizer
-from ...world import caption_scene, vocabulary
+from ...world import SHAPES, caption_scene, vocabulary
 from ...world.dataset import SPLIT_SEEDS, float_pixels, pil_to_bytes, world_sample
-from ...world.foils import foil_captions, retrieval_accuracy
+from ...world.foils import foil_captions, retrieval_accuracy, shape_prompt_accuracy
 from ..data import materialise
 from .base import Recipe
 
@@ -45,13 +52,18 @@ class ClipParams:
     projection_dim: int = 64
     hard_negatives: int = 3  # one-attribute foil captions per render (0: plain CLIP)
     hard_negative_weight: float = 1.0
+    shape_prompt_weight: float = 0.0  # one-object renders rank "a <shape>" against the other shapes (module doc)
     probe_scenes: int = 100  # zero-shot retrieval (1 true vs 7 foils) on this many val renders at sample_every
     export_dtype: str | None = "fp16"
     init: str | None = None  # a CLIP folder (an export) to continue from; its architecture replaces the sizes above
 
     def validate(self, cfg):
-        if self.hard_negatives < 0 or self.hard_negative_weight < 0:
-            raise ConfigError("model.hard_negatives and model.hard_negative_weight must be ≥ 0")
+        if self.hard_negatives < 0 or self.hard_negative_weight < 0 or self.shape_prompt_weight < 0:
+            raise ConfigError("model.hard_negatives, hard_negative_weight and shape_prompt_weight must be ≥ 0")
+        if cfg.data.source != "world" and self.shape_prompt_weight:
+            raise ConfigError(
+                "shape prompts need the shapes world (data.source: world), or model.shape_prompt_weight: 0"
+            )
         if cfg.data.source != "world" and self.hard_negatives:
             raise ConfigError("hard negatives need the shapes world (data.source: world), or model.hard_negatives: 0")
         if cfg.data.size % self.patch_size:
@@ -63,7 +75,8 @@ def _world_captions_item(split: str, size: int, k: int, i: int) -> tuple:
     rng = random.Random(SPLIT_SEEDS[split] * 31 + i)
     complete = caption_scene(s.scene, rng, complete=True)  # before the foils: the order every run so far drew
     foils = [c for c, _ in foil_captions(s.scene, rng, k)] if k else []
-    return pil_to_bytes(s.image), s.caption, complete, foils
+    shape = SHAPES.index(s.scene.objects[0].shape) if len(s.scene.objects) == 1 else -1
+    return pil_to_bytes(s.image), s.caption, complete, foils, shape
 
 
 class WorldCaptions(torch.utils.data.Dataset):
@@ -73,8 +86,8 @@ class WorldCaptions(torch.utils.data.Dataset):
 
     def __init__(self, length: int, split: str, size: int, k: int, num_workers: int = 0):
         items = materialise(functools.partial(_world_captions_item, split, size, k), length, num_workers)
-        images, self.captions, self.complete, self.foils = (list(x) for x in zip(*items))
-        self.images = torch.stack(images)
+        images, self.captions, self.complete, self.foils, shapes = (list(x) for x in zip(*items))
+        self.images, self.shapes = torch.stack(images), torch.tensor(shapes)  # shape: an index of SHAPES, or -1
 
     def __len__(self):
         return len(self.captions)
@@ -85,20 +98,23 @@ class WorldCaptions(torch.utils.data.Dataset):
             "caption": self.captions[i],
             "complete": self.complete[i],
             "foils": self.foils[i],
+            "shape": self.shapes[i],
         }
 
 
 class ClipTrainable(nn.Module):
-    def __init__(self, clip, hard_negative_weight: float):
+    def __init__(self, clip, hard_negative_weight: float, shape_prompt_weight: float = 0.0):
         super().__init__()
         self.clip, self.hard_negative_weight = clip, hard_negative_weight
+        self.shape_prompt_weight = shape_prompt_weight
+
+    def _text(self, ids, mask):
+        return F.normalize(_features(self.clip.get_text_features(input_ids=ids, attention_mask=mask)), dim=-1)
 
     def forward(self, batch):
         clip = self.clip
         image = F.normalize(_features(clip.get_image_features(pixel_values=batch["pixels"])), dim=-1)
-        text = F.normalize(
-            _features(clip.get_text_features(input_ids=batch["ids"], attention_mask=batch["mask"])), dim=-1
-        )
+        text = self._text(batch["ids"], batch["mask"])
         b = image.shape[0]
         scale = clip.logit_scale.exp().clamp(max=100)
         text_b = text[:b]
@@ -110,6 +126,11 @@ class ClipTrainable(nn.Module):
             groups = text[b:].view(b, k1, -1)  # (B, 1+k, D), the complete caption first
             hard = scale * torch.einsum("bd,bkd->bk", image, groups)
             loss = loss + self.hard_negative_weight * F.cross_entropy(hard, torch.zeros_like(target))
+        labels = batch.get("shape")
+        if self.shape_prompt_weight and labels is not None and (labels >= 0).any():
+            prompts = self._text(batch["shape_ids"], batch["shape_mask"])  # (len(SHAPES), D)
+            logits = scale * image @ prompts.T
+            loss = loss + self.shape_prompt_weight * F.cross_entropy(logits, labels, ignore_index=-1)
         return loss
 
 
@@ -163,7 +184,7 @@ class ClipRecipe(Recipe):
             with drawing_from(rng.cpu):
                 clip = CLIPModel(config)
         self.config = clip.config
-        self.trainable = ClipTrainable(clip, m.hard_negative_weight)
+        self.trainable = ClipTrainable(clip, m.hard_negative_weight, m.shape_prompt_weight)
         self.modules = {"model": self.trainable}
 
     def make_dataset(self):
@@ -187,11 +208,16 @@ class ClipRecipe(Recipe):
             for complete, foils in zip(batch["complete"], batch["foils"]):
                 texts += [complete, *foils]
         ids, mask = self._tokens(texts)
-        return {
+        out = {
             "pixels": self._pixels(batch["image"]).to(self.device),
             "ids": ids.to(self.device),
             "mask": mask.to(self.device),
         }
+        if self.params.shape_prompt_weight and "shape" in batch:
+            shape_ids, shape_mask = self._tokens([f"a {shape}" for shape in SHAPES])
+            out.update(shape=batch["shape"].to(self.device), shape_ids=shape_ids.to(self.device),
+                       shape_mask=shape_mask.to(self.device))  # fmt: skip
+        return out
 
     def step(self, modules, batch, ctx):
         return {"loss": modules["model"](batch)}
@@ -206,8 +232,10 @@ class ClipRecipe(Recipe):
         clip.eval()
         images, texts = clip_embedders(clip, self.tokenizer, self.processor)
         report = retrieval_accuracy(images, texts, n, split="val", size=self.cfg.data.size)
+        shapes = shape_prompt_accuracy(images, texts, n, split="val", size=self.cfg.data.size)
         clip.train(was)
-        return {"retrieval_top1": report.top1, **{f"beats_{k}": v for k, v in report.by_attribute.items()}}
+        by_attribute = {f"beats_{k}": v for k, v in report.by_attribute.items()}
+        return {"retrieval_top1": report.top1, **by_attribute, "shape_prompt_top1": shapes}
 
     def export(self, modules, path):
         import copy
