@@ -114,4 +114,3 @@ def shape_prompt_accuracy(embed_images: Callable, embed_texts: Callable, num: in
         guess = (img @ prompts.T).argmax(dim=1).tolist()
         right += sum(SHAPES[g] == s.scene.objects[0].shape for g, s in zip(guess, part))
     return right / max(1, num)
-
