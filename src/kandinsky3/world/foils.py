@@ -101,12 +101,15 @@ def retrieval_accuracy(
     return RetrievalReport(len(items), foils, wins / max(1, len(items)), by)
 
 
+SHAPE_PROMPTS = tuple(f"a {shape}" for shape in SHAPES)  # context-free prompts, in SHAPES order (the clip recipe's too)
+
+
 def shape_prompt_accuracy(embed_images: Callable, embed_texts: Callable, num: int, split: str = "val", size: int = 64):
     """Zero-shot shape of ``num`` one-object renders from the prompts "a <shape>": a context-free prompt is one fixed
     vector, so this is how well one linear map reads shape from the image embedding (what the IP-Adapter's linear
     projection has to do; the one-attribute foils only test shape within a caption's context)."""
     samples = [world_sample(i, split, size, num_objects=1) for i in range(num)]
-    prompts = torch.nn.functional.normalize(embed_texts([f"a {shape}" for shape in SHAPES]).float(), dim=-1)
+    prompts = torch.nn.functional.normalize(embed_texts(list(SHAPE_PROMPTS)).float(), dim=-1)
     right = 0
     for chunk in range(0, num, 100):
         part = samples[chunk : chunk + 100]

@@ -34,7 +34,7 @@ from ...models.seeding import drawing_from
 from ...models.text import build_word_tokenizer
 from ...world import SHAPES, caption_scene, vocabulary
 from ...world.dataset import SPLIT_SEEDS, float_pixels, pil_to_bytes, world_sample
-from ...world.foils import foil_captions, retrieval_accuracy, shape_prompt_accuracy
+from ...world.foils import SHAPE_PROMPTS, foil_captions, retrieval_accuracy, shape_prompt_accuracy
 from ..data import materialise
 from .base import Recipe
 
@@ -185,6 +185,7 @@ class ClipRecipe(Recipe):
                 clip = CLIPModel(config)
         self.config = clip.config
         self.trainable = ClipTrainable(clip, m.hard_negative_weight, m.shape_prompt_weight)
+        self.shape_tokens = self._tokens(SHAPE_PROMPTS)  # the same every step
         self.modules = {"model": self.trainable}
 
     def make_dataset(self):
@@ -214,7 +215,7 @@ class ClipRecipe(Recipe):
             "mask": mask.to(self.device),
         }
         if self.params.shape_prompt_weight and "shape" in batch:
-            shape_ids, shape_mask = self._tokens([f"a {shape}" for shape in SHAPES])
+            shape_ids, shape_mask = self.shape_tokens
             out.update(shape=batch["shape"].to(self.device), shape_ids=shape_ids.to(self.device),
                        shape_mask=shape_mask.to(self.device))  # fmt: skip
         return out
