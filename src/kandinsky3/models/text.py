@@ -134,9 +134,15 @@ class TextEncoder(nn.Module):
         return context, out_mask, neg_context, neg_mask[:, :length].to(context.device)
 
     @staticmethod
-    def crop_lengths(mask: torch.Tensor, max_length: int = TOKENS_LENGTH) -> torch.Tensor | None:
-        """Each prompt's own official crop length (tokens + 1), or None when all prompts share one."""
-        lengths = (mask.sum(1) + 1).clamp(max=max_length)
+    def prompt_lengths(mask: torch.Tensor, max_length: int = TOKENS_LENGTH) -> torch.Tensor:
+        """Each prompt's own official crop length: its tokens + 1, at most ``max_length`` (training passes the
+        cropped mask's width, which is never shorter than any prompt + 1 unless the longest hit the cap)."""
+        return (mask.sum(1) + 1).clamp(max=max_length)
+
+    @classmethod
+    def crop_lengths(cls, mask: torch.Tensor, max_length: int = TOKENS_LENGTH) -> torch.Tensor | None:
+        """:meth:`prompt_lengths`, or None when all prompts share one (the U-Net's plain path)."""
+        lengths = cls.prompt_lengths(mask, max_length)
         return None if bool((lengths == lengths[0]).all()) else lengths
 
     @torch.no_grad()
