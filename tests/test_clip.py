@@ -163,14 +163,13 @@ def test_clip_recipe_trains_and_exports_a_loadable_encoder(tmp_path):
 
 
 @pytest.mark.skipif(not ADAPTER_DIRS["nano-clip"].is_dir(), reason="the nano CLIP is not committed yet")
-def test_nano_clip_tells_background_and_colour_foils_apart():
-    """A statistics backstop for the committed weights, at what they do learn (docs/ip_adapter.md: the committed CLIP
-    tells a foil with another background or object colour from the true caption, not yet one with another shape,
-    size or position)."""
+def test_nano_clip_ranks_the_true_caption_first():
+    """A statistics backstop for the committed weights (docs/ip_adapter.md, "Measured": the true caption first among
+    it and 7 one-attribute foils on 95.2 % of 500 test renders); 100 renders, so a margin for their spread."""
     from kandinsky3.eval.ip_adapter import clip_retrieval
 
     report = clip_retrieval("nano-clip", 100)
-    assert report.by_attribute["background"] >= 0.9 and report.by_attribute["color"] >= 0.7, report
+    assert report.top1 >= 0.85 and min(report.by_attribute.values()) >= 0.9, report
 
 
 def _clip_run_config(tmp_path, **model):
