@@ -42,7 +42,8 @@ def test_batch_of_different_prompts_matches_one_at_a_time(tiny):
     null, null_mask = te.unconditional(ctx)
     lengths = te.crop_lengths(mask)
     assert lengths.tolist() == [5, 14]
-    assert te.prompt_lengths(mask, 10).tolist() == [5, 10]  # the training recipes' form: capped, never None
+    assert te.prompt_lengths(mask).tolist() == [5, 14]  # the training recipes' form: never None, capped by the
+    assert te.prompt_lengths(mask, 10).tolist() == [5, 10]  # mask's own width unless told otherwise
     assert te.crop_lengths(te.encode([prompts[0]] * 2)[1]) is None  # one shared length: the plain path
     batch = Denoiser(tiny.unet, Conditioning(ctx, mask, null, null_mask, context_lengths=lengths), 3.0)(
         torch.cat([x, x]), 500

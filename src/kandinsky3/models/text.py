@@ -134,10 +134,10 @@ class TextEncoder(nn.Module):
         return context, out_mask, neg_context, neg_mask[:, :length].to(context.device)
 
     @staticmethod
-    def prompt_lengths(mask: torch.Tensor, max_length: int = TOKENS_LENGTH) -> torch.Tensor:
-        """Each prompt's own official crop length: its tokens + 1, at most ``max_length`` (training passes the
-        cropped mask's width, which is never shorter than any prompt + 1 unless the longest hit the cap)."""
-        return (mask.sum(1) + 1).clamp(max=max_length)
+    def prompt_lengths(mask: torch.Tensor, max_length: int | None = None) -> torch.Tensor:
+        """Each prompt's own official crop length: its tokens + 1, at most ``max_length`` — by default the width of
+        ``mask`` as :meth:`encode` / :meth:`encode_ids` return it, cropped to the longest prompt + 1 or the cap."""
+        return (mask.sum(1) + 1).clamp(max=mask.shape[1] if max_length is None else max_length)
 
     @classmethod
     def crop_lengths(cls, mask: torch.Tensor, max_length: int = TOKENS_LENGTH) -> torch.Tensor | None:

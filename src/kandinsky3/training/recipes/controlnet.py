@@ -145,7 +145,7 @@ class ControlNetRecipe(Recipe):
                 hints = hints_from_images(batch["image"])
             ids, mask = self.text.tokenize(captions)
             context, mask = self.text.encode_ids(ids.to(self.device), mask.to(self.device))
-            lengths = self.text.prompt_lengths(mask, mask.shape[1])
+            lengths = self.text.prompt_lengths(mask)
             null, null_mask = self.text.unconditional(context)
             drop = empty.to(self.device)
             context = torch.where(drop[:, None, None], null.to(context.dtype), context)

@@ -114,7 +114,7 @@ class DiffusionTrainable(nn.Module):
         """ε-MSE at a uniform timestep; ``generator`` (on the batch's device) draws the timestep and the noise."""
         ids, mask, latents, drop = batch["ids"], batch["mask"], batch["latents"], batch["drop"]
         context, mask = self.text.encode_ids(ids, mask)
-        lengths = self.text.prompt_lengths(mask, ids.shape[1])  # each caption's own crop length, as inference
+        lengths = self.text.prompt_lengths(mask)  # each caption's own crop length, as inference
         # classifier-free guidance dropout → the null context inference uses (always in the graph, so DDP sees
         # the null embedding used on every step)
         null, null_mask = self.text.null_context(context, self.null_embedding)

@@ -144,7 +144,7 @@ class FlashADDRecipe(Recipe):
     def prepare(self, batch, ctx):
         ids, mask = self.text.tokenize(batch["caption"])
         context, mask = self.text.encode_ids(ids, mask)
-        lengths = self.text.prompt_lengths(mask, mask.shape[1])
+        lengths = self.text.prompt_lengths(mask)
         latents = self.movq.encode(batch["image"].to(self.device)).float()
         return {"latents": latents, "context": context.float(), "mask": mask, "lengths": lengths}
 

@@ -283,7 +283,7 @@ class IPAdapterRecipe(Recipe):
 
     def _encode(self, ids: torch.Tensor, mask: torch.Tensor):
         context, mask = self.text.encode_ids(ids, mask)
-        return context, mask, self.text.prompt_lengths(mask, ids.shape[1])
+        return context, mask, self.text.prompt_lengths(mask)
 
     @torch.no_grad()
     def _target(self, x_t, t, noise, batch) -> torch.Tensor:
