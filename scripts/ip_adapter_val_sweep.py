@@ -1,16 +1,23 @@
 """The IP-Adapter variation measure on the world's VALIDATION references at several sampler settings
 (docs/ip_adapter.md). Adapters and settings are chosen here, never on the test split ``kandinsky3 eval ip-adapter``
 reports. Each argument after the reference count is one setting: comma-separated ``name=value`` pairs of the
-generation settings (``guidance``, ``image_weight``…); an empty string is the defaults (the eval's).
+generation settings (``guidance``, ``image_weight``…); an empty string is the defaults (the eval's); ``text`` is
+the ceiling: plain nano (no adapter) given each reference's full caption (colour, shape, size, position).
 
-    python scripts/ip_adapter_val_sweep.py runs/nano-ip-adapter-v16/export 200 "" guidance=2 image_weight=1.3
+    python scripts/ip_adapter_val_sweep.py runs/nano-ip-adapter-v16/export 200 "" guidance=2 image_weight=1.3 text
 """
 
+import random
 import sys
 import time
 
 from kandinsky3 import Kandinsky3
 from kandinsky3.eval.ip_adapter import object_verdicts, references
+from kandinsky3.world.captions import describe_object
+
+
+def full_caption(obj) -> str:
+    return describe_object(obj, random.Random(0), p_size=1.0, p_position=1.0, p_color=1.0)
 
 
 def main():
@@ -21,12 +28,16 @@ def main():
     pipe.get_ip_adapter(adapter)
     refs = references(num, split="val")
     for spec in sys.argv[3:] or [""]:
-        settings = {k: float(v) for k, v in (pair.split("=") for pair in spec.split(",") if pair)}
+        settings = {} if spec == "text" else {k: float(v) for k, v in (p.split("=") for p in spec.split(",") if p)}
         start_time, kept, placed = time.time(), 0, 0
         for start in range(0, num, 25):
             chunk = refs[start : start + 25]
             seeds = list(range(start, start + len(chunk)))
-            outs = pipe.variation([r.image for r in chunk], seed=seeds, progress=False, **settings)
+            if spec == "text":
+                captions = [full_caption(r.scene.objects[0]) for r in chunk]
+                outs = pipe.generate(captions, seed=seeds, progress=False)
+            else:
+                outs = pipe.variation([r.image for r in chunk], seed=seeds, progress=False, **settings)
             for ref, out in zip(chunk, outs):
                 k, p = object_verdicts(out, ref.scene.objects[0])
                 kept, placed = kept + k, placed + p

@@ -120,6 +120,39 @@ def test_teacher_target_is_the_frozen_unets_own_prediction_with_the_full_caption
         config(tmp_path, clip_folder, teacher_target=1.5)
 
 
+def test_x0_weight_cap_weights_each_sample_by_its_capped_inverse_snr(tmp_path, clip_folder):
+    """The weighted loss is the mean over samples of (that sample's ε-MSE) · min(1/SNR(t), cap), t and noise being
+    the step's own draw; the unweighted loss is the plain mean."""
+    from kandinsky3.training.recipes.diffusion import x0_weight
+
+    plain = dict(drop_image=0.0, drop_text=0.0, drop_both=0.0)
+    recipe = make_recipe(config(tmp_path, clip_folder, x0_weight_cap=4.0, **plain), "cpu", RandomStreams(0))
+    batch = recipe.collate([recipe.dataset[i] for i in range(4)])
+    prepared = recipe.prepare(batch, StepContext(1, RandomStreams(0)))
+    weighted = recipe.step(recipe.modules, prepared, StepContext(1, RandomStreams(0)))["loss"]
+    # the same draw of t and noise as the step's, and the per-sample errors by hand
+    g = StepContext(1, RandomStreams(0)).generator("cpu")
+    latents = prepared["latents"]
+    t = torch.randint(0, recipe.schedule.num_timesteps, (4,), generator=g)
+    noise = torch.randn(latents.shape, generator=g)
+    x_t = recipe.schedule.q_sample(latents, t, noise)
+    context, mask, lengths = recipe._encode(prepared["ids"], prepared["mask"])
+    with torch.no_grad():
+        tokens = recipe.trainable.adapter.image_tokens(prepared["embeds"])
+        eps = recipe.unet(x_t, t.float(), context, mask, None, lengths, image_tokens=tokens, image_weight=1.0)
+    per_sample = (eps - noise).square().mean(dim=(1, 2, 3))
+    abar = recipe.schedule.abar_per_sample(t)
+    weight = ((1 - abar) / abar).clamp(max=4.0)
+    assert weight.min() < weight.max()
+    assert torch.allclose(weighted, (per_sample * weight).mean(), rtol=1e-5)
+    assert torch.allclose(x0_weight(abar, 4.0), weight)
+    unweighted = make_recipe(config(tmp_path / "plain", clip_folder, **plain), "cpu", RandomStreams(0))
+    loss = unweighted.step(unweighted.modules, prepared, StepContext(1, RandomStreams(0)))["loss"]
+    assert torch.allclose(loss, per_sample.mean(), rtol=1e-5)
+    with pytest.raises(ValueError, match="x0_weight_cap must be > 0"):
+        config(tmp_path, clip_folder, x0_weight_cap=0.0)
+
+
 def test_condition_dropout_and_the_frozen_parts(tmp_path, clip_folder):
     cfg = config(tmp_path, clip_folder, drop_image=0.0, drop_text=0.0, drop_both=1.0)
     recipe = make_recipe(cfg, "cpu", RandomStreams(0))

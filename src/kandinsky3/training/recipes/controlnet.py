@@ -31,6 +31,7 @@ from ...models.controlnet import ControlNet
 from ...models.seeding import drawing_from
 from ..object_weighting import batch_pixel_weight, check_object_weight, object_coverage, weighted_square_error
 from .base import Recipe, encoded_cache, evaluating, image_grid, load_frozen
+from .diffusion import x0_weight
 
 
 @dataclass
@@ -171,8 +172,7 @@ class ControlNetRecipe(Recipe):
         loss = weighted_square_error(eps, noise, batch).mean(dim=(1, 2, 3))
         cap = self.params.x0_weight_cap
         if cap:  # x0-space error ∝ ε error / SNR: the steps that decide the layout count most
-            abar = self.schedule.abar_per_sample(t)
-            loss = loss * ((1 - abar) / abar).clamp(max=cap)
+            loss = loss * x0_weight(self.schedule.abar_per_sample(t), cap)
         return {"loss": loss.mean()}
 
     def pipeline(self, net):

@@ -154,6 +154,13 @@ def min_snr_weight(abar: torch.Tensor, gamma: float) -> torch.Tensor:
     return gamma / snr.clamp(min=gamma)  # = 1 where SNR ≤ γ (also at SNR = 0)
 
 
+def x0_weight(abar: torch.Tensor, cap: float) -> torch.Tensor:
+    """min(1/SNR, cap): the ε-MSE weighted this way is the x0-MSE, capped at the pure-noise end. The noisy steps,
+    where the sampler lays out what a picture holds, otherwise carry almost none of an ε loss: a conditioning's
+    effect on ε there is ~100× smaller than at the nearly clean steps."""
+    return ((1 - abar) / abar.clamp(min=1e-8)).clamp(max=cap)
+
+
 def known_region_weight(keep: torch.Tensor, abar: torch.Tensor, gamma: float) -> torch.Tensor:
     """Per-pixel ε-MSE weight for inpainting (B, 1, h, w): the known region (``keep`` = 1) of a noisy step counts
     min(max(1/SNR, 1), γ) times, the hole once. Where the noise drowns the picture the ε loss hardly depends on the

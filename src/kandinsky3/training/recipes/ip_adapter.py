@@ -21,6 +21,11 @@ What the adapter has to learn is what the words would have done, so the text-con
 quantity its tokens stand in for; as a regression target it has the ε-loss's minimiser (when the U-Net is right)
 without the variance of the drawn noise, which on 8×8 latents buries the few latent pixels that carry a small
 object's shape. It costs one gradient-free U-Net forward a step.
+
+**Noisy steps.** ``x0_weight_cap`` c weights each sample's loss by min(1/SNR(t), c) (the x0-MSE, capped). The text's
+own effect on ε — what the image tokens stand in for — is ~100× smaller at t ≥ 800 than at t < 200, so under the
+plain ε loss the steps that lay out the object's shape carry almost nothing; measured on nano (adapter v16, 192
+val references) the tokens reproduced 28 % of it there for small objects, against ≈ 80 % at 200 ≤ t < 800.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from ...world.judge import judge
 from ..data import materialise
 from ..object_weighting import batch_pixel_weight, check_object_weight, object_coverage, weighted_square_error
 from .base import Recipe, image_grid, load_frozen
+from .diffusion import x0_weight
 
 REFERENCES = ("same", "new_background")
 TEXT_MODES = ("null", "zeros")
@@ -69,6 +75,7 @@ class IPAdapterParams:
     init_from_text: bool = False  # image keys/values start as copies of the text ones (the IP-Adapter paper's init)
     object_weight: float = 1.0  # world: an object's latent pixels count this many times a background one
     teacher_target: float = 0.0  # share of the ε target from the frozen U-Net with the full caption (module doc)
+    x0_weight_cap: float | None = None  # weight the ε-MSE by min(1/SNR, cap): the noisy steps count (module doc)
     export_dtype: str | None = None
     probe_references: int = 24  # variation probe (judge) on this many val references at sample_every (0: none)
 
@@ -81,6 +88,8 @@ class IPAdapterParams:
         if self.reference not in REFERENCES:
             raise ConfigError(f"model.reference must be one of {REFERENCES}, got {self.reference!r}")
         check_object_weight(self.object_weight)
+        if self.x0_weight_cap is not None and not self.x0_weight_cap > 0:
+            raise ConfigError(f"model.x0_weight_cap must be > 0 (or null: no weighting), got {self.x0_weight_cap}")
         if self.text not in TEXT_MODES:
             raise ConfigError(f"model.text must be one of {TEXT_MODES}, got {self.text!r}")
         if cfg.data.source != "world" and (self.reference != "same" or self.background_caption):
@@ -279,7 +288,10 @@ class IPAdapterRecipe(Recipe):
         noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype, generator=g)
         x_t = self.schedule.q_sample(latents, t, noise)
         eps = self.unet(x_t, t.float(), context, mask, None, lengths, image_tokens=tokens, image_weight=1.0)
-        return {"loss": weighted_square_error(eps, self._target(x_t, t, noise, batch), batch).mean()}
+        loss = weighted_square_error(eps, self._target(x_t, t, noise, batch), batch).mean(dim=(1, 2, 3))
+        if self.params.x0_weight_cap:
+            loss = loss * x0_weight(self.schedule.abar_per_sample(t), self.params.x0_weight_cap)
+        return {"loss": loss.mean()}
 
     def _encode(self, ids: torch.Tensor, mask: torch.Tensor):
         context, mask = self.text.encode_ids(ids, mask)
