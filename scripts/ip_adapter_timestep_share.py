@@ -13,7 +13,7 @@ from collections import defaultdict
 
 import torch
 
-from kandinsky3.checkpoints.ip_adapter import build_ip_adapter, load_image_encoder, read_ip_adapter, resolve_folder
+from kandinsky3.checkpoints.ip_adapter import load_ip_adapter
 from kandinsky3.diffusion import NoiseSchedule
 from kandinsky3.training.recipes.base import load_frozen
 from kandinsky3.world.captions import describe_object
@@ -29,8 +29,8 @@ def main():
     torch.manual_seed(0)
     base = load_frozen("nano", "cpu")
     unet, text = base.unet, base.text_encoder
-    encoder = load_image_encoder(clip_dir, device="cpu")
-    adapter = build_ip_adapter(read_ip_adapter(resolve_folder(adapter_dir)), unet.config).eval()
+    parts = load_ip_adapter(adapter_dir, unet.config, image_encoder=clip_dir)
+    encoder, adapter = parts.encoder, parts.adapter.eval()
     adapter.attach(unet)
     schedule = NoiseSchedule.named("cosine")
     samples = [world_sample(i, "val", 64, num_objects=1) for i in range(num)]
