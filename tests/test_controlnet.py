@@ -186,6 +186,14 @@ def test_the_hint_must_be_eight_times_the_latent():
 # -- the adapter ---------------------------------------------------------------------------------------------------
 
 
+def test_step_clock_counts_new_timesteps_not_calls():
+    from kandinsky3.diffusion.steps import StepClock
+
+    clock = StepClock()
+    ticks = [clock.tick(torch.tensor([t, t])) for t in (999.0, 999.0, 979.0, 979.0, 500.0, 999.0)]
+    assert ticks == [0, 0, 1, 1, 2, 3]  # both branches of a step share it; a re-noised (larger) t is a new step
+
+
 def test_control_window_and_run_length():
     assert list(control_window(10, 0.0, 1.0)) == list(range(10))
     assert list(control_window(10, 0.25, 0.75)) == [2, 3, 4, 5, 6]  # [int(N·start), int(N·end))

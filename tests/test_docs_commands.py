@@ -59,9 +59,10 @@ def _why_not_run(argv: list[str]) -> str | None:
         return f"needs downloaded weights ({model})"
     if model and model.startswith("runs/"):
         return f"needs a model trained by a documented command ({model})"
-    controlnet = getattr(args, "controlnet", None)
-    if controlnet and controlnet.startswith("runs/"):
-        return f"needs a ControlNet trained by a documented command ({controlnet})"
+    for name in ("controlnet", "ip_adapter", "image_encoder", "clip"):
+        folder = getattr(args, name, None)
+        if folder and str(folder).startswith("runs/"):
+            return f"needs a {name.replace('_', ' ')} trained by a documented command ({folder})"
     if args.command == "serve":
         return "starts a server that runs until stopped (tests/test_serve.py runs one)"
     if getattr(args, "prompts", None):

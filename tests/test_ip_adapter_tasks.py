@@ -1,6 +1,9 @@
 """IP-Adapter tasks on the tiny preset: variation / mix / image + text requests, the guidance pair the U-Net receives,
 mixing rules, bad inputs, the CLI."""
 
+import json
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -123,6 +126,45 @@ def test_guidance_pair_is_text_and_image_vs_zero_text_and_zero_image(pipe):
         assert not kw["context"][1].any() and not kw["context_mask"][1].any()  # all-zero text and mask (released)
 
 
+def image_weights(calls) -> list[list[float]]:
+    return [[round(w, 6) for w in kw["image_weight"].tolist()] for kw in calls]
+
+
+def test_early_boost_multiplies_the_image_weight_over_the_first_steps_only(pipe):
+    request = TextToImage(prompt="a red circle", image=ref(2), image_weight=0.7, steps=5, guidance=3.0, seed=0)
+    assert image_weights(unet_calls(pipe, request)) == [[0.7, 0.7]] * 5  # no boost: the released behaviour
+    boosted = replace(request, early_boost=3.0, early_fraction=0.4)  # int(5·0.4) = 2 steps
+    assert image_weights(unet_calls(pipe, boosted)) == [[2.1, 2.1]] * 2 + [[0.7, 0.7]] * 3
+    unguided = Variation(image=ref(0), steps=4, guidance=0.0, seed=0, early_boost=2.0, early_fraction=0.5)
+    assert image_weights(unet_calls(pipe, unguided)) == [[2.0]] * 2 + [[1.0]] * 2  # one call a step, counted alike
+    # a boost at full fraction equals the weight times the boost at every step, bit for bit
+    everywhere = pipe.variation(ref(0), seed=1, early_boost=1.5, early_fraction=1.0, **SETTINGS)[0]
+    assert same(everywhere, pipe.variation(ref(0), seed=1, image_weight=1.5, **SETTINGS)[0])
+    # and it is off after each run: a second run counts its steps afresh
+    assert image_weights(unet_calls(pipe, unguided)) == [[2.0]] * 2 + [[1.0]] * 2
+
+
+def test_the_adapter_records_its_own_early_boost(pipe, folders, tmp_path):
+    adapter = pipe.get_ip_adapter().adapter
+    own = tmp_path / "own"
+    save_ip_adapter(adapter, own, name="own", text="zeros", image_encoder=str(folders / "clip"),
+                    sampling={"early_boost": 2.0, "early_fraction": 0.5})  # fmt: skip
+    assert read_ip_adapter(own).sampling == {"early_boost": 2.0, "early_fraction": 0.5}
+    assert read_ip_adapter(folders / "zeros").sampling == {}
+    mine = Kandinsky3.from_pretrained("tiny", device="cpu")
+    mine.get_ip_adapter(own)
+    request = Variation(image=ref(0), steps=4, guidance=0.0, seed=0)
+    assert image_weights(unet_calls(mine, request)) == [[2.0]] * 2 + [[1.0]] * 2  # the adapter's default
+    assert image_weights(unet_calls(mine, replace(request, early_boost=1.0))) == [[1.0]] * 4  # the request wins
+    assert image_weights(unet_calls(mine, replace(request, early_fraction=0.25))) == [[2.0]] + [[1.0]] * 3
+    config = own / "ip_adapter.json"
+    meta = json.loads(config.read_text())
+    for bad in ({"early_boost": "3"}, {"early_boost": -1}, {"early_fraction": 1.5}, {"boost": 2}, [2.0]):
+        config.write_text(json.dumps({**meta, "sampling": bad}))
+        with pytest.raises(CheckpointError, match="sampling"):
+            read_ip_adapter(own)
+
+
 def test_variation_text_branches_follow_the_adapter(pipe, folders):
     calls = unet_calls(pipe, Variation(image=ref(0), steps=1, guidance=2.0, seed=0))
     assert not calls[0]["context"].any() and not calls[0]["context_mask"].any()  # zeros in both branches
@@ -162,6 +204,10 @@ def test_bad_inputs_are_clear_errors(pipe, folders, tmp_path):
         Variation(image=ref(0), image_weight=-1)
     with pytest.raises(ValueError, match="image_weight"):
         TextToImage(prompt="a", image=ref(0), image_weight=float("nan"))
+    with pytest.raises(ValueError, match="early_boost must be a finite number ≥ 0"):
+        Variation(image=ref(0), early_boost=-2)
+    with pytest.raises(ValueError, match=r"early_fraction must be a fraction of the steps in \[0, 1\]"):
+        Mix(images=[ref(0)], early_fraction=1.5)
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("hello")
     with pytest.raises(Exception, match="notes.png"):
@@ -192,7 +238,10 @@ def test_cli_builds_the_same_requests(tmp_path):
     assert request_from_args(Variation, args).image_weight == 0.5
     args = parser.parse_args(["generate", "on a white background", "--image", "ref.png", "--image-weight", "0.7"])
     req = request_from_args(TextToImage, args)
-    assert req.image == "ref.png" and req.image_weight == 0.7
+    assert req.image == "ref.png" and req.image_weight == 0.7 and req.early_boost is None
+    args = parser.parse_args(["variation", "ref.png", "--early-boost", "3", "--early-fraction", "0.3"])
+    req = request_from_args(Variation, args)
+    assert req.early_boost == 3.0 and req.early_fraction == 0.3
 
 
 def test_cli_variation_writes_images(folders, tmp_path, monkeypatch):
@@ -230,3 +279,17 @@ def test_cli_loads_the_adapter_and_encoder_it_is_given(folders, tmp_path):
     assert same(Image.open(tmp_path / "cli.png"), image)
     assert main(argv[:-4] + ["--ip-adapter", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.png")]) == 2
     assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_mix_runs_at_the_settings_size(folders, tmp_path):
+    """A mix has no single input image: its size is the settings' (the size check before loading once read a
+    ``request.image`` that ``Mix`` does not have)."""
+    from kandinsky3.cli import main
+
+    ref(0).save(tmp_path / "a.png")
+    ref(1).resize((48, 48)).save(tmp_path / "b.png")
+    argv = ["mix", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "--weights", "0.6", "0.4", "--model", "tiny"]
+    argv += ["--steps", "2", "--seed", "0", "--no-progress", "--width", "128", "--height", "64"]
+    argv += ["--ip-adapter", str(folders / "zeros"), "--out", str(tmp_path / "mix.png")]
+    assert main(argv) == 0
+    assert Image.open(tmp_path / "mix.png").size == (128, 64)

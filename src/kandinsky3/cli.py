@@ -40,9 +40,10 @@ EXAMPLES = {
    does not ship yet, docs/controlnet.md — or give one with --controlnet FOLDER)""",
     "variation": """examples:
   kandinsky3 variation photo.png --num-images 4 --seed 0 --out var.png    # var-0.png … var-3.png
+  kandinsky3 variation photo.png --early-boost 1 --seed 0 --out plain.png   # no early boost (as released)
   kandinsky3 variation photo.png --image-weight 0.7 --model base --width 1024 --height 1024
-  (the IP-Adapter loads on first use — base: ai-forever/kandinsky3_ip_adapter; nano's does not ship yet,
-   docs/ip_adapter.md — or give one with --ip-adapter FOLDER)""",
+  (the IP-Adapter loads on first use — nano: its own, in the package; base: ai-forever/kandinsky3_ip_adapter —
+   or give one with --ip-adapter FOLDER; docs/ip_adapter.md)""",
     "mix": """examples:
   kandinsky3 mix photo.png small.png --weights 0.6 0.4 --seed 0 --out mix.png
   kandinsky3 mix photo.png small.png --prompt "on a white background" --mix-rule mean""",
@@ -337,6 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--references", type=int, default=300, help="ip-adapter: references per test (default 300)")
     p.add_argument("--pairs", type=int, default=200, help="ip-adapter: image pairs mixed at (0.5, 0.5) (default 200)")
     p.add_argument(
+        "--early-boost", type=float, default=None, help="ip-adapter: early image boost (default: the adapter's)"
+    )
+    p.add_argument(
+        "--early-fraction", type=float, default=None, help="ip-adapter: the steps it covers (default: the adapter's)"
+    )
+    p.add_argument(
         "--baseline",
         default="nano",
         help="inpainting: the text→image model inpainting by latent blending ('none': skip)",
@@ -537,9 +544,9 @@ def _known_variant(args):
 def _planned_size(request, variant, multiple: int) -> tuple[int, int]:
     """The picture size a request will be run at (what tasks.py computes), for the checks before loading."""
     from .images import fit_for_diffusion
-    from .requests import Outpaint, TextToImage
+    from .requests import Mix, Outpaint, TextToImage, Variation
 
-    if isinstance(request, TextToImage):
+    if isinstance(request, (TextToImage, Variation, Mix)):  # the settings' size (a reference image's does not count)
         s = request.resolve(variant)
         return s.width, s.height
     image = request.image

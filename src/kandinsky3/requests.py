@@ -164,9 +164,40 @@ IMAGE_WEIGHT = option(
 )
 
 
-def _check_image_weight(value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"image_weight must be a finite number ≥ 0, got {value!r}")
+def _check_fraction(name: str, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"{name} must be a fraction of the steps in [0, 1], got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImagePromptSettings(GenerationSettings):
+    """How an IP-Adapter image prompt steers: its weight, and a boost of that weight over the first, noisiest
+    steps (where shapes and layout form; ``diffusion.image_prompt``). ``None``: the adapter's own setting (its
+    ``ip_adapter.json`` ``sampling``; none for the released adapter)."""
+
+    image_weight: float = field(default=1.0, metadata=IMAGE_WEIGHT)
+    early_boost: float | None = field(
+        default=None,
+        metadata=option(
+            "IP-Adapter: multiply the image weight by this over the first --early-fraction of the steps, the noisy "
+            "ones where shapes form (1 = no boost; default: the adapter's own setting, none for the released one)"
+        ),
+    )
+    early_fraction: float | None = field(
+        default=None,
+        metadata=option("IP-Adapter: the fraction of the steps --early-boost applies to (default: the adapter's own)"),
+    )
+
+    def validate(self):
+        super().validate()
+        for name in ("image_weight", "early_boost"):
+            value = getattr(self, name)
+            if value is None and name == "early_boost":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")
+        if self.early_fraction is not None:
+            _check_fraction("early_fraction", self.early_fraction)
 
 
 PROMPT = option("the prompt (empty: unconditional)", positional=True, nargs="?")
@@ -174,7 +205,7 @@ NEGATIVE = option("negative prompt (replaces the unconditional branch)")
 
 
 @dataclass(frozen=True, kw_only=True)
-class TextToImage(GenerationSettings):
+class TextToImage(ImagePromptSettings):
     """Text → image."""
 
     command: ClassVar[str] = "generate"
@@ -200,11 +231,6 @@ class TextToImage(GenerationSettings):
             "the model's adapter is loaded on first use)"
         ),
     )
-    image_weight: float = field(default=1.0, metadata=IMAGE_WEIGHT)
-
-    def validate(self):
-        super().validate()
-        _check_image_weight(self.image_weight)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -308,9 +334,7 @@ class Control(GenerationSettings):
     def validate(self):
         super().validate()
         for name in ("start", "end"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-                raise ValueError(f"{name} must be a fraction of the steps in [0, 1], got {value!r}")
+            _check_fraction(name, getattr(self, name))
         if not self.start < self.end:
             raise ValueError(
                 f"the control window is empty: start ({self.start}) must be less than end ({self.end}); "
@@ -341,7 +365,7 @@ MIX_RULES = ("sum", "mean")
 
 
 @dataclass(frozen=True, kw_only=True)
-class Variation(GenerationSettings):
+class Variation(ImagePromptSettings):
     """Variations of a picture (IP-Adapter): its content, no text (the empty prompt's text branch as the adapter
     was trained: all-zero context and mask for the released adapter, the null context for nano's)."""
 
@@ -349,15 +373,10 @@ class Variation(GenerationSettings):
     fixed: ClassVar[tuple[str, ...]] = ("strength",)
 
     image: Any = field(metadata=option("reference image (path, PIL image or array)", positional=True))
-    image_weight: float = field(default=1.0, metadata=IMAGE_WEIGHT)
-
-    def validate(self):
-        super().validate()
-        _check_image_weight(self.image_weight)
 
 
 @dataclass(frozen=True, kw_only=True)
-class Mix(GenerationSettings):
+class Mix(ImagePromptSettings):
     """Mix pictures (IP-Adapter): the image prompt is Σ wᵢ·CLIP(imageᵢ) (the released rule), optionally with text."""
 
     command: ClassVar[str] = "mix"
@@ -368,7 +387,6 @@ class Mix(GenerationSettings):
         default=None, metadata=option("one weight ≥ 0 per image (default: equal weights summing to 1)", nargs="+")
     )
     prompt: str = field(default="", metadata=option("text to steer the mix (default: none, image only)"))
-    image_weight: float = field(default=1.0, metadata=IMAGE_WEIGHT)
     mix_rule: str = field(
         default="sum",
         metadata=option(
@@ -380,7 +398,6 @@ class Mix(GenerationSettings):
 
     def validate(self):
         super().validate()
-        _check_image_weight(self.image_weight)
         images = self.images
         if isinstance(images, (str, bytes)) or not hasattr(images, "__len__") or len(images) < 1:
             raise ValueError("images: give a list of one or more images to mix")

@@ -21,7 +21,17 @@ from PIL import Image
 from .diffusion.conditioning import Adapter, ExtraChannels
 from .diffusion.inpainting import REPAINT_THRESHOLD, inpainting_channels
 from .images import as_mask, as_pil, check_size, dilate_mask, fit_for_diffusion, pil_to_tensor
-from .requests import Control, GenerationSettings, ImageToImage, Inpaint, Mix, Outpaint, TextToImage, Variation
+from .requests import (
+    Control,
+    GenerationSettings,
+    ImagePromptSettings,
+    ImageToImage,
+    Inpaint,
+    Mix,
+    Outpaint,
+    TextToImage,
+    Variation,
+)
 
 
 @dataclass
@@ -94,7 +104,7 @@ def plan_text_to_image(pipe, req: TextToImage) -> Plan:
         embeds, zero = image_embeddings(pipe, images)
         repeat = s.num_images * (len(prompts) if len(images) == 1 else 1)
         empty = all(p == "" for p in prompts) and plan.negative_prompts is None
-        plan.adapters.append(image_prompt(pipe, embeds, zero, req.image_weight, repeat, empty))
+        plan.adapters.append(image_prompt(pipe, embeds, zero, req, s, repeat, empty))
     return plan
 
 
@@ -203,7 +213,8 @@ def control_hint(image, width: int, height: int, is_edges: bool, method: str = "
 def plan_control(pipe, req: Control) -> Plan:
     """ControlNet (spec §8.4): text→image (or image→image from ``init_image``) with the ControlNet's residuals
     added to the U-Net's skips at every step of the control window (:class:`~.diffusion.control.ControlAdapter`)."""
-    from .diffusion.control import ControlAdapter, run_length
+    from .diffusion.control import ControlAdapter
+    from .diffusion.steps import run_length
 
     if pipe.is_inpainting:
         raise ValueError("ControlNet runs beside a text→image U-Net (base, flash, nano), not an inpainting one")
@@ -262,9 +273,10 @@ def image_embeddings(pipe, images) -> tuple[torch.Tensor, torch.Tensor]:
         return embeds, parts.encoder.zero_embedding()
 
 
-def image_prompt(pipe, embeds, zero, image_weight: float, repeat: int, empty_text: bool):
+def image_prompt(pipe, embeds, zero, req: ImagePromptSettings, s: GenerationSettings, repeat: int, empty_text: bool):
     """The IP-Adapter's per-step adapter (spec §8.2): image tokens of each row of ``embeds`` (each repeated
-    ``repeat`` times, the images of one prompt) for ``cond``, the zero-image embedding's for ``uncond``. The text
+    ``repeat`` times, the images of one prompt) for ``cond``, the zero-image embedding's for ``uncond``, at the
+    request's image weight, boosted over the first steps as the request (or else the adapter) says. The text
     branches follow the adapter's training: ``zeros`` (released) gives the unconditional branch — and an empty
     prompt's conditional one — an all-zero context and mask; ``null`` (nano) gives an empty prompt the null context
     in both branches (the unconditional one has it already). Built for any guidance (the released pipeline skipped
@@ -282,8 +294,12 @@ def image_prompt(pipe, embeds, zero, image_weight: float, repeat: int, empty_tex
         text = {"uncond": "zeros", **({"cond": "zeros"} if empty_text else {})}
     else:
         text = {"cond": null, "uncond": null} if empty_text else {}
-    weight = torch.full((tokens.shape[0],), float(image_weight))
-    return ImagePrompt(tokens, uncond, weight, text, module=adapter)
+    from .diffusion.steps import run_length
+
+    weight = torch.full((tokens.shape[0],), float(req.image_weight))
+    boost = parts.setting("early_boost", req.early_boost)
+    boost_steps = int(run_length(s.sampler, s.steps) * parts.setting("early_fraction", req.early_fraction))
+    return ImagePrompt(tokens, uncond, weight, text, module=adapter, boost=boost, boost_steps=boost_steps)
 
 
 def _image_list(image) -> list:
@@ -298,7 +314,7 @@ def plan_variation(pipe, req: Variation) -> Plan:
     images = _image_list(req.image)
     plan = Plan("variation", [""] * len(images), None, s, _shape(pipe, len(images) * s.num_images, s.width, s.height))
     embeds, zero = image_embeddings(pipe, images)
-    plan.adapters.append(image_prompt(pipe, embeds, zero, req.image_weight, s.num_images, True))
+    plan.adapters.append(image_prompt(pipe, embeds, zero, req, s, s.num_images, True))
     return plan
 
 
@@ -311,7 +327,7 @@ def plan_mix(pipe, req: Mix) -> Plan:
     plan = Plan("mix", [req.prompt], None, s, _shape(pipe, s.num_images, s.width, s.height))
     embeds, zero = image_embeddings(pipe, list(req.images))
     mixed = mix_embeddings(embeds, req.resolved_weights(), req.mix_rule)
-    plan.adapters.append(image_prompt(pipe, mixed, zero, req.image_weight, s.num_images, req.prompt == ""))
+    plan.adapters.append(image_prompt(pipe, mixed, zero, req, s, s.num_images, req.prompt == ""))
     return plan
 
 

@@ -15,6 +15,7 @@ Conversions go through state dicts only: fork → native → fork is bit-identic
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -67,6 +68,23 @@ class RawIPAdapter:
     unet: dict[str, torch.Tensor] | None = None
     projection: dict[str, torch.Tensor] | None = None
     extra: dict = field(default_factory=dict)
+    sampling: dict = field(default_factory=dict)  # the adapter's own sampler settings (SAMPLING_KEYS); none: released
+
+
+#: the sampler settings an adapter may record in ``ip_adapter.json`` ``sampling`` (the defaults of the requests'
+#: ``early_boost`` / ``early_fraction``, ``diffusion.image_prompt``), with the values that mean "as released"
+SAMPLING_KEYS = {"early_boost": 1.0, "early_fraction": 0.0}
+
+
+def check_sampling(sampling, where) -> dict:
+    """An adapter's ``sampling`` settings, validated (a hand-edited config gets a clear error)."""
+    if not isinstance(sampling, dict) or set(sampling) - set(SAMPLING_KEYS):
+        raise CheckpointError(f"{where}: sampling must be a mapping with keys from {', '.join(SAMPLING_KEYS)}")
+    for key, value in sampling.items():
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+        if not ok or (key == "early_fraction" and value > 1):
+            raise CheckpointError(f"{where}: sampling.{key} must be a number ≥ 0 (a fraction ≤ 1), got {value!r}")
+    return dict(sampling)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -164,6 +182,7 @@ def read_native_ip(root: Path) -> RawIPAdapter:
         unet,
         projection,
         meta.get("extra", {}),
+        check_sampling(meta.get("sampling", {}), root / NATIVE_CONFIG),
     )
 
 
@@ -220,6 +239,7 @@ def write_native_ip(raw: RawIPAdapter, root: str | Path, copy_image_encoder: boo
             "text": raw.text,
             "image_encoder": encoder,
             "extra": raw.extra,
+            **({"sampling": raw.sampling} if raw.sampling else {}),
         },
         root / NATIVE_CONFIG,
     )
@@ -294,9 +314,10 @@ def _check_unet(raw: RawIPAdapter, unet: UNetConfig):
 def load_image_encoder(name_or_path, device="cpu", dtype=None, local_files_only: bool = False) -> ImageEncoder:
     """``CLIPVisionModelWithProjection`` + ``CLIPImageProcessor`` from a folder (a ``CLIPModel`` folder loads its
     vision tower), a registered name (``nano-clip``) or a hub id (offline: a clear error with the fetch command)."""
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+    from transformers import CLIPVisionModelWithProjection
     from transformers.utils import logging as hf_logging
 
+    from ..models.clip import image_processor_class
     from .loading import parse_dtype
 
     folder = resolve_folder(name_or_path, local_files_only, what="image encoder")
@@ -306,9 +327,9 @@ def load_image_encoder(name_or_path, device="cpu", dtype=None, local_files_only:
         vision = CLIPVisionModelWithProjection.from_pretrained(folder, dtype=parse_dtype(dtype))
         size = vision.config.image_size
         if (folder / "preprocessor_config.json").is_file():
-            processor = CLIPImageProcessor.from_pretrained(folder)
+            processor = image_processor_class().from_pretrained(folder)
         else:  # the released image_encoder folder has none: OpenAI CLIP's at the encoder's size
-            processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+            processor = image_processor_class()(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot load a CLIP image encoder from {folder}: {exc}") from exc
     finally:
@@ -325,6 +346,11 @@ class IPAdapterParts:
     encoder: ImageEncoder
     text: str
     name: str
+    sampling: dict = field(default_factory=dict)
+
+    def setting(self, key: str, value=None) -> float:
+        """A request's value for a sampling setting, else the adapter's own, else the released behaviour."""
+        return float(value if value is not None else self.sampling.get(key, SAMPLING_KEYS[key]))
 
 
 def load_ip_adapter(
@@ -360,14 +386,23 @@ def load_ip_adapter(
             f"the image encoder gives {encoder.embed_dim}-d embeddings, the IP-Adapter expects "
             f"{raw.config.image_embed_dim}-d: use the encoder it was trained with"
         )
-    return IPAdapterParts(adapter, encoder, raw.text, raw.name)
+    return IPAdapterParts(adapter, encoder, raw.text, raw.name, raw.sampling)
 
 
 def save_ip_adapter(
-    adapter: IPAdapter, path: str | os.PathLike, *, name: str, text: str, image_encoder: str, dtype=None
+    adapter: IPAdapter,
+    path: str | os.PathLike,
+    *,
+    name: str,
+    text: str,
+    image_encoder: str,
+    dtype=None,
+    sampling: dict | None = None,
 ):
-    """Write a trained adapter in the native layout (``dtype``: e.g. fp16 for a committed one)."""
+    """Write a trained adapter in the native layout (``dtype``: e.g. fp16 for a committed one; ``sampling``: its
+    own sampler settings, :data:`SAMPLING_KEYS`)."""
     from .io import cast_floating
 
     sd = {k: cast_floating(v.detach().cpu(), dtype) for k, v in adapter.state_dict().items()}
-    write_native_ip(RawIPAdapter(adapter.config, sd, name, text, image_encoder), path, copy_image_encoder=False)
+    raw = RawIPAdapter(adapter.config, sd, name, text, image_encoder, sampling=check_sampling(sampling or {}, path))
+    write_native_ip(raw, path, copy_image_encoder=False)

@@ -1,12 +1,9 @@
 """The ControlNet adapter: residuals for the U-Net's skips, computed from (x_t, t), the hint and the text at every
 step (spec §8.4), scaled by ``scale`` inside the control window and skipped outside it.
 
-**Which step is it?** The adapter is called with (x_t, t, branch) only, so it counts steps itself: a step is a
-new timestep value (``t`` differs from the last call's). Both guidance branches of one step share their t, so
-guided and unguided runs count alike, and so does any sampler that calls the denoiser once per timestep (k3,
-Flash, the diffusers schedulers); the count does not depend on the timestep values, so partial (image→image)
-runs and Flash's re-noised timesteps are counted the same way. Step i of an N-step run is controlled when
-``int(N·start) ≤ i < int(N·end)``; outside that window the scale is 0 and the ControlNet is not run at all.
+Steps are counted by a :class:`~.steps.StepClock` (the rules are in :mod:`.steps`); step i of an N-step run is
+controlled when ``int(N·start) ≤ i < int(N·end)``; outside that window the scale is 0 and the ControlNet is not
+run at all.
 """
 
 from __future__ import annotations
@@ -17,23 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from .conditioning import Conditioning, _move
-from .sampling import flash_timesteps, partial_steps
-
-
-def run_length(sampler: str, steps: int, strength: float = 1.0) -> int:
-    """N: how many denoiser calls (steps) a run of ``sampler`` makes — all ``steps``, or the part an image→image
-    run at ``strength`` keeps (k3 and the diffusers schedulers: ``max(1, int(steps·strength))``; Flash: its
-    timesteps below ``strength·1000``)."""
-    if strength >= 1.0:
-        return steps
-    if sampler == "flash":
-        return len([t for t in flash_timesteps(steps) if t < strength * 1000]) or 1
-    return partial_steps(steps, strength)
+from .steps import StepClock, run_length, step_window
 
 
 def control_window(steps: int, start: float, end: float) -> range:
     """The step indices ``[int(N·start), int(N·end))`` of an N-step run that get the ControlNet's residuals."""
-    return range(int(steps * start), int(steps * end))
+    return step_window(steps, start, end)
 
 
 def scale_at(scale, shape: tuple[int, ...]) -> torch.Tensor | float:
@@ -65,8 +51,7 @@ class ControlAdapter:
     end: float = 1.0
     steps: int = 1
     conditioning: Conditioning | None = None
-    _step: int = field(default=-1, repr=False)
-    _last_t: float | None = field(default=None, repr=False)
+    clock: StepClock = field(default_factory=StepClock, repr=False)
 
     def __post_init__(self):
         if not 0.0 <= self.start <= self.end <= 1.0:
@@ -83,17 +68,11 @@ class ControlAdapter:
         if param.device != torch.device(device) or param.dtype != dtype:
             self.controlnet.to(device=device, dtype=dtype)
         scale = _move(self.scale, device, dtype) if torch.is_tensor(self.scale) else self.scale
-        return replace(self, hint=_move(self.hint, device, dtype), scale=scale, _step=-1, _last_t=None)
+        return replace(self, hint=_move(self.hint, device, dtype), scale=scale, clock=StepClock())
 
     def bind(self, conditioning: Conditioning) -> "ControlAdapter":
         """The same adapter reading each branch's text inputs from ``conditioning`` (called by the Denoiser)."""
         return replace(self, conditioning=conditioning)
-
-    def _advance(self, t: torch.Tensor) -> int:
-        value = float(t.reshape(-1)[0])
-        if value != self._last_t:
-            self._step, self._last_t = self._step + 1, value
-        return self._step
 
     def scale_for_step(self, step: int):
         return self.scale if step in self.window else 0.0
@@ -111,7 +90,7 @@ class ControlAdapter:
         if self.conditioning is None:
             raise RuntimeError("ControlAdapter needs the text condition: the Denoiser binds it (adapter.bind)")
         t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32).expand(x_t.shape[0])
-        step = self._advance(t)
+        step = self.clock.tick(t)
         scale = self.scale_for_step(step)
         if not torch.is_tensor(scale) and scale == 0.0:
             return {}  # outside the window (or scale 0): the U-Net gets no residuals, the ControlNet is not run

@@ -6,6 +6,12 @@ same ``image_weight``. The adapter can also replace a branch's text (``text``): 
 all-zero context and mask shaped like the encoded prompt (the released IP pipeline's empty / unconditional text:
 with the official hard mask, cross-attention and pooling then add exactly 0), or given (context, mask) tensors
 (nano's null context, which its adapter was trained with).
+
+**Early boost.** ``boost`` multiplies the image weight in the first ``boost_steps`` steps of the run (counted by a
+:class:`~.steps.StepClock`), the noisy ones in which the picture's shapes and layout form. An adapter trained on
+the ε loss learns least where the noise is heaviest (there the loss hardly depends on the condition), so its
+tokens carry less of a small object's shape there than the words would; a stronger image prompt for those steps
+only makes up for it without over-steering the later, detail-forming ones (docs/ip_adapter.md measures it).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .conditioning import _move
+from .steps import StepClock
 
 TEXT_MODES = ("zeros", "null")
 
@@ -48,13 +55,17 @@ class ImagePrompt:
     """``image_tokens`` (B, N, C) for ``cond``, ``uncond_tokens`` for ``uncond``, ``weight`` (B,) for both; ``text``
     maps a branch to ``"zeros"`` (all-zero context and mask), a null embedding (D,) (the null context: that vector
     at position 0, the only attended one) or a (context, mask) pair, which replaces the branch's text inputs.
-    ``module``: the IP-Adapter whose layers the U-Net borrows; it is moved with the tokens (offload)."""
+    ``module``: the IP-Adapter whose layers the U-Net borrows; it is moved with the tokens (offload). ``boost``:
+    the image weight's factor for the first ``boost_steps`` steps (1: the same weight at every step, as released)."""
 
     tokens: torch.Tensor
     uncond_tokens: torch.Tensor
     weight: torch.Tensor
     text: dict = field(default_factory=dict)
     module: torch.nn.Module | None = None
+    boost: float = 1.0
+    boost_steps: int = 0
+    clock: StepClock = field(default_factory=StepClock, repr=False)
 
     def bind(self, conditioning) -> "ImagePrompt":
         """Resolve the text replacements against the encoded prompt's shape (called once by the Denoiser)."""
@@ -73,10 +84,10 @@ class ImagePrompt:
         return replace(self, text=text)
 
     def __call__(self, x_t, t, branch: str) -> dict:
-        out = {
-            "image_tokens": self.tokens if branch == "cond" else self.uncond_tokens,
-            "image_weight": self.weight,
-        }
+        weight = self.weight
+        if self.boost != 1.0 and self.clock.tick(t) < self.boost_steps:
+            weight = weight * self.boost
+        out = {"image_tokens": self.tokens if branch == "cond" else self.uncond_tokens, "image_weight": weight}
         if branch in self.text:
             context, mask = self.text[branch]
             out.update(context=context, context_mask=mask)
@@ -86,10 +97,11 @@ class ImagePrompt:
         text = {b: v if isinstance(v, str) else _move(v, device, dtype) for b, v in self.text.items()}
         if self.module is not None:
             self.module.to(device=device, dtype=dtype)
-        return ImagePrompt(
-            _move(self.tokens, device, dtype),
-            _move(self.uncond_tokens, device, dtype),
-            _move(self.weight, device, dtype),
-            text,
-            self.module,
+        return replace(
+            self,
+            tokens=_move(self.tokens, device, dtype),
+            uncond_tokens=_move(self.uncond_tokens, device, dtype),
+            weight=_move(self.weight, device, dtype),
+            text=text,
+            clock=StepClock(),
         )

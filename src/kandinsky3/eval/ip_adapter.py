@@ -167,13 +167,15 @@ def evaluate_mixing(
 
 def load_clip(name_or_path="nano-clip"):
     """A full ``CLIPModel`` (both towers) + tokenizer + processor from a folder or registered name."""
-    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+    from transformers import AutoTokenizer, CLIPModel
+
+    from ..models.clip import image_processor_class
 
     from ..checkpoints.ip_adapter import resolve_folder
 
     folder = resolve_folder(name_or_path, what="CLIP model")
     clip = CLIPModel.from_pretrained(folder).float().eval()
-    return clip, AutoTokenizer.from_pretrained(folder), CLIPImageProcessor.from_pretrained(folder)
+    return clip, AutoTokenizer.from_pretrained(folder), image_processor_class().from_pretrained(folder)
 
 
 def clip_retrieval(clip_name="nano-clip", num: int = 500, split: str = "test"):
@@ -237,10 +239,16 @@ def run_ip_adapter_eval(args) -> dict:
     from ..pipeline import Kandinsky3
 
     _positive(references=args.references, pairs=args.pairs, steps=args.steps)
-    pipe = Kandinsky3.from_pretrained(args.model, device=args.device)
-    pipe.get_ip_adapter(args.ip_adapter)
-    settings = {k: v for k, v in (("steps", args.steps), ("guidance", args.guidance)) if v is not None}
     report = IPReport()
+    pipe = Kandinsky3.from_pretrained(args.model, device=args.device)
+    parts = pipe.get_ip_adapter(args.ip_adapter)
+    chosen = (("steps", args.steps), ("guidance", args.guidance))
+    chosen += (("early_boost", args.early_boost), ("early_fraction", args.early_fraction))
+    settings = {k: v for k, v in chosen if v is not None}
+    boost = parts.setting("early_boost", settings.get("early_boost"))
+    fraction = parts.setting("early_fraction", settings.get("early_fraction"))
+    print(f"image prompts: early boost ×{boost:g} over the first {fraction:.0%} of the steps")
+    report.values["early boost"], report.values["early fraction"] = boost, fraction
     start = time.perf_counter()
     retrieval = clip_retrieval(args.clip, args.num)
     report.values[f"CLIP zero-shot retrieval, 1 true vs 7 one-attribute foils ({args.num})"] = retrieval.top1

@@ -54,12 +54,22 @@ def nano_clip_config(
     return CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=projection_dim)
 
 
+def image_processor_class():
+    """``CLIPImageProcessor``, or where torchvision is not installed its PIL implementation, which transformers ≥ 5
+    falls back to anyway — importing it by name spares every user the fallback's warning."""
+    import importlib.util
+
+    import transformers
+
+    if importlib.util.find_spec("torchvision") is None and hasattr(transformers, "CLIPImageProcessorPil"):
+        return transformers.CLIPImageProcessorPil
+    return transformers.CLIPImageProcessor
+
+
 def nano_image_processor(image_size: int = 64):
     """The ``CLIPImageProcessor`` of the nano CLIP: OpenAI CLIP's mean/std, bicubic resize of the short side, centre
     crop, at ``image_size`` (a 64-px render passes through unresized)."""
-    from transformers import CLIPImageProcessor
-
-    return CLIPImageProcessor(
+    return image_processor_class()(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
         do_center_crop=True,

@@ -59,10 +59,10 @@ TASKS: dict[str, type] = {
 }
 IMAGE_FIELDS = ("image", "mask")
 SERVER_EXCLUDED = ()
-#: fields one task's HTTP schema leaves out: generate's IP-Adapter image prompt (``image``, ``image_weight``) — the
+#: fields one task's HTTP schema leaves out: generate's IP-Adapter image prompt (``image`` and its settings) — the
 #: service batches and stores generate jobs by their JSON fields and loads no image encoder; the CLI and the Python
 #: API take it (``kandinsky3 generate … --image``, ``variation``, ``mix``)
-TASK_EXCLUDED: dict[type, tuple[str, ...]] = {TextToImage: ("image", "image_weight")}
+TASK_EXCLUDED: dict[type, tuple[str, ...]] = {TextToImage: ("image", "image_weight", "early_boost", "early_fraction")}
 #: fields whose API type is narrower than the dataclass's: the server's safe subset
 SERVER_TYPES = {"beautify": (Literal["template"] | None, "expand the prompt first with the template beautifier")}
 INPAINTING_TASKS = ("inpaint", "outpaint")
