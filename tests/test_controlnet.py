@@ -200,6 +200,8 @@ def test_control_window_and_run_length():
     assert list(control_window(3, 0.5, 1.0)) == [1, 2]
     assert run_length("k3", 50) == 50 and run_length("k3", 50, 0.3) == 15 and run_length("ddim", 10, 0.05) == 1
     assert run_length("flash", 4, 0.5) == 2  # 479, 229 are below 500
+    assert run_length("k3", 60) == 59 and run_length("k3", 60, 0.5) == 30  # stride 17: 59 gaps in its timesteps
+    assert list(control_window(50, 0.0, 0.58)) == list(range(29))  # 50 · 0.58 = 28.999… in floats
 
 
 def test_spatial_scale_is_resized_nearest_exact():

@@ -1,6 +1,7 @@
 """IP-Adapter model and files (spec §8.2, §12.3): released names and sizes, the zero-init property, parity of the
 decoupled cross-attention with the spec's formula written out here, native / released layouts and round trips."""
 
+import json
 import math
 
 import pytest
@@ -266,6 +267,12 @@ def test_released_layout_splits_keys_and_round_trips_bit_identically(tiny, tmp_p
     again = load_file(tmp_path / "back" / FORK_UNET_FILES[0])
     assert set(again) == set(blob)
     assert all(torch.equal(again[k], blob[k]) and again[k].dtype == blob[k].dtype for k in blob)
+    # the released layout has no place for an adapter's own sampling settings: converting says so
+    meta = json.loads((tmp_path / "native" / "ip_adapter.json").read_text())
+    meta["sampling"] = {"early_boost": 3.0, "early_fraction": 0.4}
+    (tmp_path / "native" / "ip_adapter.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="no place for the adapter's own sampling settings"):
+        convert_ip_adapter(tmp_path / "native", tmp_path / "again", "fork")
 
 
 def test_adapter_only_folder_cannot_be_written_in_the_released_layout(tiny, tmp_path):

@@ -182,12 +182,16 @@ def test_a_short_run_trains_the_adapter_and_exports_it(tmp_path, clip_folder):
     from kandinsky3 import Kandinsky3
     from kandinsky3.training.loop import train
 
-    cfg = config(tmp_path, clip_folder)
+    cfg = config(tmp_path, clip_folder, sampling={"early_boost": 2.0, "early_fraction": 0.5})
     before = {k: v.clone() for k, v in Kandinsky3.from_pretrained("nano", device="cpu").unet.state_dict().items()}
     train(cfg, progress=False)
     export = tmp_path / "run" / "export"
     raw = read_ip_adapter(export)
     assert raw.text == "null" and raw.image_encoder == str(clip_folder)
+    assert raw.sampling == {"early_boost": 2.0, "early_fraction": 0.5}  # model.sampling: what the export records
+    for bad in ({"early_boost": 2.0}, {"early_boost": 2.0, "early_fraction": 2.0}):
+        with pytest.raises(ValueError, match="model.sampling"):
+            config(tmp_path, clip_folder, sampling=bad)
     assert all(v.dtype == torch.float16 for v in raw.adapter.values())
     assert any(v.abs().sum() > 0 for k, v in raw.adapter.items() if ".to_out_ip." in k)  # learnt past the zero init
     pipe = Kandinsky3.from_pretrained("nano", device="cpu")

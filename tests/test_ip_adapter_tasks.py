@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kandinsky3 import Kandinsky3, Mix, TextToImage, Variation
+from kandinsky3 import Kandinsky3, Mix, TextToImage, Variation, read_metadata
 from kandinsky3.checkpoints.io import CheckpointError
 from kandinsky3.checkpoints.ip_adapter import load_ip_adapter, read_ip_adapter, save_ip_adapter
 from kandinsky3.cli import build_parser, request_from_args
@@ -142,6 +142,20 @@ def test_early_boost_multiplies_the_image_weight_over_the_first_steps_only(pipe)
     assert same(everywhere, pipe.variation(ref(0), seed=1, image_weight=1.5, **SETTINGS)[0])
     # and it is off after each run: a second run counts its steps afresh
     assert image_weights(unet_calls(pipe, unguided)) == [[2.0]] * 2 + [[1.0]] * 2
+    # k3 at 60 steps makes 59 calls (stride 17): the fraction is of the calls made, 29 of them here
+    sixty = replace(unguided, steps=60, early_fraction=0.5)
+    assert image_weights(unet_calls(pipe, sixty)) == [[2.0]] * 29 + [[1.0]] * 30
+    # an explicit boost with an adapter that records no fraction would change nothing: a clear error instead
+    with pytest.raises(ValueError, match="early_boost 3 would apply to no step.*--early-fraction"):
+        pipe.variation(ref(0), early_boost=3.0, **SETTINGS)
+    # the images say what steered them
+    meta = read_metadata(pipe.variation(ref(0), seed=1, early_boost=1.5, early_fraction=0.5, **SETTINGS)[0])
+    assert (meta["ip_adapter"], meta["image_weight"], meta["early_boost"], meta["early_fraction"]) == (
+        "tiny-zeros",
+        1.0,
+        1.5,
+        0.5,
+    )
 
 
 def test_the_adapter_records_its_own_early_boost(pipe, folders, tmp_path):
@@ -159,7 +173,9 @@ def test_the_adapter_records_its_own_early_boost(pipe, folders, tmp_path):
     assert image_weights(unet_calls(mine, replace(request, early_fraction=0.25))) == [[2.0]] + [[1.0]] * 3
     config = own / "ip_adapter.json"
     meta = json.loads(config.read_text())
-    for bad in ({"early_boost": "3"}, {"early_boost": -1}, {"early_fraction": 1.5}, {"boost": 2}, [2.0]):
+    bad_values = ({"early_boost": "3", "early_fraction": 0.5}, {"early_boost": -1, "early_fraction": 0.5})
+    bad_values += ({"early_boost": 2, "early_fraction": 1.5}, {"early_boost": 2}, {"boost": 2}, [2.0])
+    for bad in bad_values:
         config.write_text(json.dumps({**meta, "sampling": bad}))
         with pytest.raises(CheckpointError, match="sampling"):
             read_ip_adapter(own)

@@ -543,6 +543,7 @@ class Kandinsky3:
                 "seed": seeds[i] if seeds is not None else seed,
                 "index": i,
                 **settings,
+                **plan.metadata,
             }
             if plan.original_prompts is not None:
                 meta["original_prompt"] = plan.original_prompts[p]

@@ -49,6 +49,7 @@ class Plan:
     finish: Callable[[list[Image.Image]], list[Image.Image]] | None = None
     original_prompts: list[str] | None = None
     images: list[Image.Image] | None = None  # the result when there is nothing to sample (an empty inpainting mask)
+    metadata: dict = field(default_factory=dict)  # the task's own settings, stamped on every image (as resolved)
 
     @property
     def batch_size(self) -> int:
@@ -104,7 +105,7 @@ def plan_text_to_image(pipe, req: TextToImage) -> Plan:
         embeds, zero = image_embeddings(pipe, images)
         repeat = s.num_images * (len(prompts) if len(images) == 1 else 1)
         empty = all(p == "" for p in prompts) and plan.negative_prompts is None
-        plan.adapters.append(image_prompt(pipe, embeds, zero, req, s, repeat, empty))
+        add_image_prompt(plan, pipe, embeds, zero, req, repeat, empty)
     return plan
 
 
@@ -273,10 +274,11 @@ def image_embeddings(pipe, images) -> tuple[torch.Tensor, torch.Tensor]:
         return embeds, parts.encoder.zero_embedding()
 
 
-def image_prompt(pipe, embeds, zero, req: ImagePromptSettings, s: GenerationSettings, repeat: int, empty_text: bool):
-    """The IP-Adapter's per-step adapter (spec §8.2): image tokens of each row of ``embeds`` (each repeated
-    ``repeat`` times, the images of one prompt) for ``cond``, the zero-image embedding's for ``uncond``, at the
-    request's image weight, boosted over the first steps as the request (or else the adapter) says. The text
+def add_image_prompt(plan: Plan, pipe, embeds, zero, req: ImagePromptSettings, repeat: int, empty_text: bool):
+    """Add the IP-Adapter's per-step adapter (spec §8.2) to ``plan``: image tokens of each row of ``embeds`` (each
+    repeated ``repeat`` times, the images of one prompt) for ``cond``, the zero-image embedding's for ``uncond``, at
+    the request's image weight, boosted over the first steps as the request (or else the adapter) says; the
+    resolved settings and the adapter's name go into the images' metadata. The text
     branches follow the adapter's training: ``zeros`` (released) gives the unconditional branch — and an empty
     prompt's conditional one — an all-zero context and mask; ``null`` (nano) gives an empty prompt the null context
     in both branches (the unconditional one has it already). Built for any guidance (the released pipeline skipped
@@ -294,12 +296,23 @@ def image_prompt(pipe, embeds, zero, req: ImagePromptSettings, s: GenerationSett
         text = {"uncond": "zeros", **({"cond": "zeros"} if empty_text else {})}
     else:
         text = {"cond": null, "uncond": null} if empty_text else {}
-    from .diffusion.steps import run_length
+    from .diffusion.steps import run_length, steps_in
 
     weight = torch.full((tokens.shape[0],), float(req.image_weight))
     boost = parts.setting("early_boost", req.early_boost)
-    boost_steps = int(run_length(s.sampler, s.steps) * parts.setting("early_fraction", req.early_fraction))
-    return ImagePrompt(tokens, uncond, weight, text, module=adapter, boost=boost, boost_steps=boost_steps)
+    fraction = parts.setting("early_fraction", req.early_fraction)
+    if req.early_boost not in (None, 1) and req.early_fraction is None and fraction == 0:
+        raise ValueError(
+            f"early_boost {req.early_boost:g} would apply to no step: the {parts.name} adapter records no "
+            "early_fraction, so give one (--early-fraction, e.g. 0.4)"
+        )
+    s = plan.settings
+    boost_steps = steps_in(run_length(s.sampler, s.steps), fraction)
+    prompt = ImagePrompt(tokens, uncond, weight, text, module=adapter, boost=boost, boost_steps=boost_steps)
+    plan.adapters.append(prompt)
+    plan.metadata.update(
+        ip_adapter=parts.name, image_weight=float(req.image_weight), early_boost=boost, early_fraction=fraction
+    )
 
 
 def _image_list(image) -> list:
@@ -314,7 +327,7 @@ def plan_variation(pipe, req: Variation) -> Plan:
     images = _image_list(req.image)
     plan = Plan("variation", [""] * len(images), None, s, _shape(pipe, len(images) * s.num_images, s.width, s.height))
     embeds, zero = image_embeddings(pipe, images)
-    plan.adapters.append(image_prompt(pipe, embeds, zero, req, s, s.num_images, True))
+    add_image_prompt(plan, pipe, embeds, zero, req, s.num_images, True)
     return plan
 
 
@@ -327,7 +340,7 @@ def plan_mix(pipe, req: Mix) -> Plan:
     plan = Plan("mix", [req.prompt], None, s, _shape(pipe, s.num_images, s.width, s.height))
     embeds, zero = image_embeddings(pipe, list(req.images))
     mixed = mix_embeddings(embeds, req.resolved_weights(), req.mix_rule)
-    plan.adapters.append(image_prompt(pipe, mixed, zero, req, s, s.num_images, req.prompt == ""))
+    add_image_prompt(plan, pipe, mixed, zero, req, s.num_images, req.prompt == "")
     return plan
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,13 +78,16 @@ SAMPLING_KEYS = {"early_boost": 1.0, "early_fraction": 0.0}
 
 
 def check_sampling(sampling, where) -> dict:
-    """An adapter's ``sampling`` settings, validated (a hand-edited config gets a clear error)."""
-    if not isinstance(sampling, dict) or set(sampling) - set(SAMPLING_KEYS):
-        raise CheckpointError(f"{where}: sampling must be a mapping with keys from {', '.join(SAMPLING_KEYS)}")
+    """An adapter's ``sampling`` settings, validated (a hand-edited config gets a clear error): none, or both keys."""
+    keys = ", ".join(SAMPLING_KEYS)
+    if not isinstance(sampling, dict) or (sampling and set(sampling) != set(SAMPLING_KEYS)):
+        raise CheckpointError(f"{where}: sampling must be empty or a mapping with both of {keys}, got {sampling!r}")
     for key, value in sampling.items():
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
-        if not ok or (key == "early_fraction" and value > 1):
-            raise CheckpointError(f"{where}: sampling.{key} must be a number ≥ 0 (a fraction ≤ 1), got {value!r}")
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if key == "early_boost" and not (number and value >= 0):
+            raise CheckpointError(f"{where}: sampling.early_boost must be a finite number ≥ 0, got {value!r}")
+        if key == "early_fraction" and not (number and 0 <= value <= 1):
+            raise CheckpointError(f"{where}: sampling.early_fraction must be a fraction in [0, 1], got {value!r}")
     return dict(sampling)
 
 
@@ -137,9 +141,9 @@ def resolve_folder(name_or_path, local_files_only: bool = False, what: str = "IP
         folder = ADAPTER_DIRS[text]
         if not folder.is_dir():
             raise CheckpointError(
-                f"the {text} weights are not in this installation ({folder}): this release ships no trained "
-                f"{text} yet; train one (docs/ip_adapter.md: kandinsky3 train clip / ip_adapter) and pass its folder "
-                f"(--ip-adapter / --image-encoder FOLDER on the command line)"
+                f"the {text} weights are not in this installation ({folder}); they are package data: reinstall "
+                f"the package (pip install -e . from a full clone), or pass a folder you trained (docs/ip_adapter.md: "
+                f"kandinsky3 train clip / ip_adapter; --ip-adapter / --image-encoder FOLDER on the command line)"
             )
         return folder
     path = Path(text).expanduser()
@@ -270,6 +274,12 @@ def convert_ip_adapter(src, dst, to: str = "native") -> RawIPAdapter:
     if to not in IP_WRITERS:
         raise ValueError(f"unknown IP-Adapter layout {to!r}; choose one of {sorted(IP_WRITERS)}")
     raw = read_ip_adapter(src)
+    if to == "fork" and raw.sampling:
+        warnings.warn(
+            f"the released layout has no place for the adapter's own sampling settings ({raw.sampling}); "
+            "give them with early_boost / early_fraction when you use the converted folder",
+            stacklevel=2,
+        )
     IP_WRITERS[to](raw, dst)
     return raw
 

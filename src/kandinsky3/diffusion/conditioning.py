@@ -22,6 +22,14 @@ def _move(value, device, dtype):
     return value.to(device=device, dtype=dtype if value.is_floating_point() else None)
 
 
+def device_timesteps(t, batch: int, device) -> torch.Tensor:
+    """(batch,) float32 timesteps on ``device``: a number becomes a fill there, not a blocking host-to-device copy
+    (which would sync every step); a tensor is moved and expanded."""
+    if isinstance(t, torch.Tensor):
+        return t.to(device, torch.float32).expand(batch)
+    return torch.full((batch,), float(t), device=device, dtype=torch.float32)
+
+
 def _cat(a, b):
     """Stack the cond and uncond values of one U-Net keyword input along the batch (lists element-wise)."""
     if a is None:
@@ -93,10 +101,13 @@ class Adapter(Protocol):
     The three planned adapters: inpainting channels (:class:`ExtraChannels`, ``extra_channels``), ControlNet
     residuals computed from (x_t, t) (``control_residuals``), IP-Adapter image tokens (``image_tokens``).
 
+    ``t`` is the timestep as the sampler gave it — a number (every sampler here), so an adapter that counts steps
+    reads it without a device sync — or a tensor from a caller that passes one.
+
     Optional: ``bind(conditioning) → Adapter``, called once by the :class:`Denoiser`, for an adapter that needs
     each branch's text inputs (the ControlNet runs its own copy of the encoder on them)."""
 
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, branch: str) -> dict: ...
+    def __call__(self, x_t: torch.Tensor, t, branch: str) -> dict: ...
 
     def to(self, device, dtype) -> "Adapter": ...
 
@@ -148,7 +159,7 @@ class Denoiser:
         views_denoiser.cond = self.cond.crop(views)
         return views_denoiser
 
-    def _inputs(self, x_t: torch.Tensor, t: torch.Tensor, branch: str) -> dict:
+    def _inputs(self, x_t: torch.Tensor, t, branch: str) -> dict:
         inputs = self.cond.unet_inputs(branch)
         for adapter in self.adapters:
             inputs.update(adapter(x_t, t, branch))
@@ -157,14 +168,12 @@ class Denoiser:
     @torch.no_grad()
     def __call__(self, x_t: torch.Tensor, t) -> torch.Tensor:
         b = x_t.shape[0]
-        if isinstance(t, torch.Tensor):
-            t = t.to(self.device, torch.float32).expand(b)
-        else:  # a fill on the device, not a blocking host-to-device copy (which would sync every step)
-            t = torch.full((b,), float(t), device=self.device, dtype=torch.float32)
+        given = t  # what the adapters see: the sampler's number (no device read to count steps)
+        t = device_timesteps(t, b, self.device)
         x = x_t.to(self.device, self.dtype)
         if not self.guided:
-            return self.unet(x, t, **self._inputs(x, t, "cond")).float()
-        cond, uncond = self._inputs(x, t, "cond"), self._inputs(x, t, "uncond")
+            return self.unet(x, t, **self._inputs(x, given, "cond")).float()
+        cond, uncond = self._inputs(x, given, "cond"), self._inputs(x, given, "uncond")
         inputs = {k: _cat(cond[k], uncond[k]) for k in cond}
         eps_cond, eps_uncond = self.unet(torch.cat([x, x]), torch.cat([t, t]), **inputs).float().chunk(2)
         w = self.guidance_weight

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
-from .conditioning import Conditioning, _move
+from .conditioning import Conditioning, _move, device_timesteps
 from .steps import StepClock, run_length, step_window
 
 
@@ -72,7 +72,7 @@ class ControlAdapter:
 
     def bind(self, conditioning: Conditioning) -> "ControlAdapter":
         """The same adapter reading each branch's text inputs from ``conditioning`` (called by the Denoiser)."""
-        return replace(self, conditioning=conditioning)
+        return replace(self, conditioning=conditioning, clock=StepClock())
 
     def scale_for_step(self, step: int):
         return self.scale if step in self.window else 0.0
@@ -89,8 +89,8 @@ class ControlAdapter:
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, branch: str) -> dict:
         if self.conditioning is None:
             raise RuntimeError("ControlAdapter needs the text condition: the Denoiser binds it (adapter.bind)")
-        t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32).expand(x_t.shape[0])
         step = self.clock.tick(t)
+        t = device_timesteps(t, x_t.shape[0], x_t.device)
         scale = self.scale_for_step(step)
         if not torch.is_tensor(scale) and scale == 0.0:
             return {}  # outside the window (or scale 0): the U-Net gets no residuals, the ControlNet is not run

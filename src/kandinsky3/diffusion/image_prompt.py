@@ -81,11 +81,11 @@ class ImagePrompt:
                 mask[:, 0] = 1
                 value = (context, mask)
             text[branch] = value
-        return replace(self, text=text)
+        return replace(self, text=text, clock=StepClock())
 
     def __call__(self, x_t, t, branch: str) -> dict:
         weight = self.weight
-        if self.boost != 1.0 and self.clock.tick(t) < self.boost_steps:
+        if self.boost != 1.0 and self.boost_steps > 0 and self.clock.tick(t) < self.boost_steps:
             weight = weight * self.boost
         out = {"image_tokens": self.tokens if branch == "cond" else self.uncond_tokens, "image_weight": weight}
         if branch in self.text:

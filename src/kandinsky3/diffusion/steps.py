@@ -11,17 +11,22 @@ indices ``int(N·start) ≤ i < int(N·end)``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from .sampling import flash_timesteps, partial_steps
+from .sampling import flash_timesteps, official_timesteps, partial_steps
 
 
 def run_length(sampler: str, steps: int, strength: float = 1.0) -> int:
     """N: how many denoiser calls (steps) a run of ``sampler`` makes — all ``steps``, or the part an image→image
     run at ``strength`` keeps (k3 and the diffusers schedulers: ``max(1, int(steps·strength))``; Flash: its
-    timesteps below ``strength·1000``)."""
+    timesteps below ``strength·1000``). k3 makes one call per gap of its official timesteps, which is one fewer
+    than ``steps`` where the stride does not divide 1000 evenly (60 steps: stride 17, 59 calls)."""
+    if sampler == "k3":
+        calls = len(official_timesteps(steps)) - 1
+        return calls if strength >= 1.0 else min(calls, partial_steps(steps, strength))
     if strength >= 1.0:
         return steps
     if sampler == "flash":
@@ -29,9 +34,14 @@ def run_length(sampler: str, steps: int, strength: float = 1.0) -> int:
     return partial_steps(steps, strength)
 
 
+def steps_in(steps: int, fraction: float) -> int:
+    """int(N·fraction), robust to the float product landing just under a whole number (50 · 0.58 = 28.999…)."""
+    return math.floor(steps * fraction + 1e-9)
+
+
 def step_window(steps: int, start: float, end: float) -> range:
     """The step indices ``[int(N·start), int(N·end))`` of an N-step run."""
-    return range(int(steps * start), int(steps * end))
+    return range(steps_in(steps, start), steps_in(steps, end))
 
 
 @dataclass
@@ -42,11 +52,12 @@ class StepClock:
     last_t: float | None = None
 
     def tick(self, t) -> int:
-        """The index of the step ``t`` belongs to (a new value of t starts the next step)."""
-        value = float(torch.as_tensor(t).reshape(-1)[0])
+        """The index of the step ``t`` belongs to (a new value of t starts the next step). A number is read as it
+        is; a tensor's first value is read from its device (a sync on a GPU: samplers here pass numbers)."""
+        value = float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
         if value != self.last_t:
             self.step, self.last_t = self.step + 1, value
         return self.step
 
 
-__all__ = ["StepClock", "run_length", "step_window"]
+__all__ = ["StepClock", "run_length", "step_window", "steps_in"]

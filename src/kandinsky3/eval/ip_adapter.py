@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..requests import ImagePromptSettings
 from ..world import caption_scene, judge, world_sample
 from ..world.captions import describe_object
 from ..world.scene import BACKGROUNDS
@@ -169,9 +170,8 @@ def load_clip(name_or_path="nano-clip"):
     """A full ``CLIPModel`` (both towers) + tokenizer + processor from a folder or registered name."""
     from transformers import AutoTokenizer, CLIPModel
 
-    from ..models.clip import image_processor_class
-
     from ..checkpoints.ip_adapter import resolve_folder
+    from ..models.clip import image_processor_class
 
     folder = resolve_folder(name_or_path, what="CLIP model")
     clip = CLIPModel.from_pretrained(folder).float().eval()
@@ -239,6 +239,7 @@ def run_ip_adapter_eval(args) -> dict:
     from ..pipeline import Kandinsky3
 
     _positive(references=args.references, pairs=args.pairs, steps=args.steps)
+    ImagePromptSettings(early_boost=args.early_boost, early_fraction=args.early_fraction)  # checked before loading
     report = IPReport()
     pipe = Kandinsky3.from_pretrained(args.model, device=args.device)
     parts = pipe.get_ip_adapter(args.ip_adapter)

@@ -39,7 +39,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...checkpoints.ip_adapter import IPAdapterParts, load_image_encoder, save_ip_adapter
+from ...checkpoints.io import CheckpointError
+from ...checkpoints.ip_adapter import IPAdapterParts, check_sampling, load_image_encoder, save_ip_adapter
 from ...checkpoints.loading import parse_dtype
 from ...diffusion import NoiseSchedule
 from ...models.config import ConfigError
@@ -78,6 +79,7 @@ class IPAdapterParams:
     teacher_target: float = 0.0  # share of the ε target from the frozen U-Net with the full caption (module doc)
     x0_weight_cap: float | None = None  # weight the ε-MSE by min(1/SNR, cap): the noisy steps count (module doc)
     export_dtype: str | None = None
+    sampling: dict | None = None  # the export's own sampler settings {early_boost, early_fraction} (docs/ip_adapter)
     probe_references: int = 24  # variation probe (judge) on this many val references at sample_every (0: none)
 
     def validate(self, cfg):
@@ -93,6 +95,11 @@ class IPAdapterParams:
             raise ConfigError(f"model.x0_weight_cap must be > 0 (or null: no weighting), got {self.x0_weight_cap}")
         if self.text not in TEXT_MODES:
             raise ConfigError(f"model.text must be one of {TEXT_MODES}, got {self.text!r}")
+        if self.sampling is not None:
+            try:
+                check_sampling(self.sampling, "model.sampling")
+            except CheckpointError as exc:
+                raise ConfigError(str(exc)) from None
         if cfg.data.source != "world" and (self.reference != "same" or self.background_caption):
             raise ConfigError("model.reference: new_background and model.background_caption need data.source: world")
 
@@ -376,4 +383,5 @@ class IPAdapterRecipe(Recipe):
             text=self.params.text,
             image_encoder=self.params.image_encoder,
             dtype=parse_dtype(self.params.export_dtype, None),
+            sampling=self.params.sampling,
         )
