@@ -5,6 +5,9 @@ generation settings (``guidance``, ``image_weight``…); an empty string is the 
 the ceiling: plain nano (no adapter) given each reference's full caption (colour, shape, size, position).
 
     python scripts/ip_adapter_val_sweep.py runs/nano-ip-adapter-v16/export 200 "" guidance=2 image_weight=1.3 text
+    python scripts/ip_adapter_val_sweep.py --model nano-flash nano-ip-adapter 400 "" early_boost=1
+
+``--model NAME`` (first): another model than nano (the adapter is still the one given).
 """
 
 import random
@@ -21,13 +24,16 @@ def full_caption(obj) -> str:
 
 
 def main():
-    if len(sys.argv) < 3:
+    args, model = sys.argv[1:], "nano"
+    if args[:1] == ["--model"] and len(args) > 1:
+        model, args = args[1], args[2:]
+    if len(args) < 2:
         sys.exit(__doc__)
-    adapter, num = sys.argv[1], int(sys.argv[2])
-    pipe = Kandinsky3.from_pretrained("nano")
+    adapter, num = args[0], int(args[1])
+    pipe = Kandinsky3.from_pretrained(model)
     pipe.get_ip_adapter(adapter)
     refs = references(num, split="val")
-    for spec in sys.argv[3:] or [""]:
+    for spec in args[2:] or [""]:
         settings = {} if spec == "text" else {k: float(v) for k, v in (p.split("=") for p in spec.split(",") if p)}
         start_time, kept, placed = time.time(), 0, 0
         for start in range(0, num, 25):
