@@ -19,7 +19,8 @@ from kandinsky3.checkpoints.controlnet import (
     write_released,
 )
 from kandinsky3.diffusion import Conditioning, Denoiser
-from kandinsky3.diffusion.control import ControlAdapter, control_window, run_length, scale_at
+from kandinsky3.diffusion.control import ControlAdapter, control_window, scale_at
+from kandinsky3.diffusion.steps import run_length
 from kandinsky3.models.controlnet import ControlNet, ControlNetConfig
 from kandinsky3.models.unet import UNet, UNetConfig
 from kandinsky3.registry import VARIANTS

@@ -12,7 +12,9 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
 
+from .diffusion.image_prompt import check_image_prompt
 from .diffusion.sampling import SAMPLERS
+from .diffusion.steps import check_fraction
 from .images import PIXEL_ROUNDING
 from .registry import VARIANTS, Variant
 
@@ -164,11 +166,6 @@ IMAGE_WEIGHT = option(
 )
 
 
-def _check_fraction(name: str, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise ValueError(f"{name} must be a fraction of the steps in [0, 1], got {value!r}")
-
-
 @dataclass(frozen=True, kw_only=True)
 class ImagePromptSettings(GenerationSettings):
     """How an IP-Adapter image prompt steers: its weight, and a boost of that weight over the first, noisiest
@@ -190,14 +187,7 @@ class ImagePromptSettings(GenerationSettings):
 
     def validate(self):
         super().validate()
-        for name in ("image_weight", "early_boost"):
-            value = getattr(self, name)
-            if value is None and name == "early_boost":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")
-        if self.early_fraction is not None:
-            _check_fraction("early_fraction", self.early_fraction)
+        check_image_prompt(self.image_weight, self.early_boost, self.early_fraction)
 
 
 PROMPT = option("the prompt (empty: unconditional)", positional=True, nargs="?")
@@ -334,7 +324,7 @@ class Control(GenerationSettings):
     def validate(self):
         super().validate()
         for name in ("start", "end"):
-            _check_fraction(name, getattr(self, name))
+            check_fraction(name, getattr(self, name))
         if not self.start < self.end:
             raise ValueError(
                 f"the control window is empty: start ({self.start}) must be less than end ({self.end}); "

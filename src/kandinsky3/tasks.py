@@ -20,6 +20,7 @@ from PIL import Image
 
 from .diffusion.conditioning import Adapter, ExtraChannels
 from .diffusion.inpainting import REPAINT_THRESHOLD, inpainting_channels
+from .diffusion.steps import run_length, steps_in
 from .images import as_mask, as_pil, check_size, dilate_mask, fit_for_diffusion, pil_to_tensor
 from .requests import (
     Control,
@@ -215,7 +216,6 @@ def plan_control(pipe, req: Control) -> Plan:
     """ControlNet (spec §8.4): text→image (or image→image from ``init_image``) with the ControlNet's residuals
     added to the U-Net's skips at every step of the control window (:class:`~.diffusion.control.ControlAdapter`)."""
     from .diffusion.control import ControlAdapter
-    from .diffusion.steps import run_length
 
     if pipe.is_inpainting:
         raise ValueError("ControlNet runs beside a text→image U-Net (base, flash, nano), not an inpainting one")
@@ -296,8 +296,6 @@ def add_image_prompt(plan: Plan, pipe, embeds, zero, req: ImagePromptSettings, r
         text = {"uncond": "zeros", **({"cond": "zeros"} if empty_text else {})}
     else:
         text = {"cond": null, "uncond": null} if empty_text else {}
-    from .diffusion.steps import run_length, steps_in
-
     weight = torch.full((tokens.shape[0],), float(req.image_weight))
     boost = parts.setting("early_boost", req.early_boost)
     fraction = parts.setting("early_fraction", req.early_fraction)

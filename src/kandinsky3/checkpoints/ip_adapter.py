@@ -15,7 +15,6 @@ Conversions go through state dicts only: fork → native → fork is bit-identic
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import warnings
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..diffusion.image_prompt import check_image_prompt
 from ..models.clip import ImageEncoder
 from ..models.ip_adapter import IPAdapter, IPAdapterConfig
 from ..models.unet import UNetConfig
@@ -82,12 +82,10 @@ def check_sampling(sampling, where) -> dict:
     keys = ", ".join(SAMPLING_KEYS)
     if not isinstance(sampling, dict) or (sampling and set(sampling) != set(SAMPLING_KEYS)):
         raise CheckpointError(f"{where}: sampling must be empty or a mapping with both of {keys}, got {sampling!r}")
-    for key, value in sampling.items():
-        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if key == "early_boost" and not (number and value >= 0):
-            raise CheckpointError(f"{where}: sampling.early_boost must be a finite number ≥ 0, got {value!r}")
-        if key == "early_fraction" and not (number and 0 <= value <= 1):
-            raise CheckpointError(f"{where}: sampling.early_fraction must be a fraction in [0, 1], got {value!r}")
+    try:
+        check_image_prompt(**sampling)  # the requests' own rules for these fields
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: sampling.{exc}") from None
     return dict(sampling)
 
 

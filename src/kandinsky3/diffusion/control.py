@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .conditioning import Conditioning, _move, device_timesteps
-from .steps import StepClock, run_length, step_window
+from .steps import StepClock, step_window
 
 
 def control_window(steps: int, start: float, end: float) -> range:
@@ -98,4 +98,4 @@ class ControlAdapter:
         return {"control_residuals": self.residuals(x_t, t, text, scale)}
 
 
-__all__ = ["ControlAdapter", "control_window", "run_length", "scale_at"]
+__all__ = ["ControlAdapter", "control_window", "scale_at"]

@@ -16,14 +16,30 @@ only makes up for it without over-steering the later, detail-forming ones (docs/
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from .conditioning import _move
-from .steps import StepClock
+from .steps import StepClock, check_fraction
 
 TEXT_MODES = ("zeros", "null")
+
+
+def _check_weight(name: str, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")
+
+
+def check_image_prompt(image_weight=1.0, early_boost=None, early_fraction=None):
+    """The rules of an image prompt's settings, in one place (a request's fields, an adapter's recorded
+    ``sampling``): weights finite and ≥ 0, the fraction in [0, 1]; ``None`` early settings are not given."""
+    _check_weight("image_weight", image_weight)
+    if early_boost is not None:
+        _check_weight("early_boost", early_boost)
+    if early_fraction is not None:
+        check_fraction("early_fraction", early_fraction)
 
 
 def mix_embeddings(embeddings: torch.Tensor, weights, rule: str = "sum") -> torch.Tensor:

@@ -34,6 +34,12 @@ def run_length(sampler: str, steps: int, strength: float = 1.0) -> int:
     return partial_steps(steps, strength)
 
 
+def check_fraction(name: str, value):
+    """A fraction of a run's steps (a window's start / end, the early boost's share) is a number in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"{name} must be a fraction of the steps in [0, 1], got {value!r}")
+
+
 def steps_in(steps: int, fraction: float) -> int:
     """int(N·fraction), robust to the float product landing just under a whole number (50 · 0.58 = 28.999…)."""
     return math.floor(steps * fraction + 1e-9)
@@ -60,4 +66,4 @@ class StepClock:
         return self.step
 
 
-__all__ = ["StepClock", "run_length", "step_window", "steps_in"]
+__all__ = ["StepClock", "check_fraction", "run_length", "step_window", "steps_in"]
