@@ -40,6 +40,8 @@ def inputs(tmp_path_factory, tiny):
     (d / "folder.png").mkdir()
     (d / "emptymodel").mkdir()
     (d / "afile.txt").write_text("x")
+    (d / "prompts.txt").write_text("a red circle\na blue star\n")
+    (d / "blank.txt").write_text("\n   \n# only a comment\n")
     (d / "bad.yaml").write_text("recipe: toy_gan\nsteps: [1, 2\n")
     (d / "unknown_key.yaml").write_text((REPO / "configs" / "toy_gan.yaml").read_text() + "\nno_such_key: 1\n")
     tiny.save_pretrained(d / "tinymodel", layout="native")
@@ -97,17 +99,23 @@ CASES = [
     ("height-not-multiple-nano", ["generate", "x", "--height", "33"], ["height 33", "multiple of 32"]),
     ("size-huge", ["generate", "x", "--width", HUGE, "--height", HUGE], ["GiB", "--force"]),
     ("size-huge-tiny", ["generate", "x", "--model", "tiny", "--width", HUGE, "--height", HUGE], ["GiB"]),
-    ("many-images", ["generate", "x", "--model", "tiny", "--num-images", "10000000"], ["GiB", "--force"]),
+    ("many-images", ["generate", "x", "--model", "tiny", "--num-images", "10000000"], ["GiB", "fewer --num-images"]),
     ("num-images-0", ["generate", "x", "--num-images", "0"], ["num_images"]),
     ("seed-negative", ["generate", "x", "--seed", "-1"], ["seed"]),
     ("seed-too-big", ["generate", "x", "--seed", str(2**64)], ["seed"]),
-    ("seeds-vs-images", ["generate", "x", "--model", "tiny", "--seed", "1", "2", "3"], ["3 seeds for 1 images"]),
+    (
+        "seeds-vs-images",
+        ["generate", "x", "--model", "tiny", "--seed", "1", "2", "3"],
+        ["3 seeds for 1 image:", "--num-images"],
+    ),
     # -- outputs (refused before the model loads; nothing replaced) ---------------------------------------------
     ("out-gif", ["generate", "x", "--out", "{out}/x.gif"], ["unknown image extension", ".gif"]),
     ("out-no-extension", ["generate", "x", "--out", "{out}/x"], ["unknown image extension"]),
     ("out-missing-folder", ["generate", "x", "--out", "{out}/nope/x.png"], ["does not exist"]),
     ("out-parent-is-file", ["generate", "x", "--out", "{in}/afile.txt/x.png"], ["is not a folder"]),
     ("out-is-folder", ["generate", "x", "--out", "{in}/folder.png"], ["is a folder"]),
+    ("out-is-folder-no-extension", ["generate", "x", "--out", "{in}/emptymodel"], ["is a folder", "image.png"]),
+    ("edges-out-missing-folder", ["edges", "{in}/ok.png", "{out}/nope/e.png"], ["OUT", "does not exist"]),
     ("out-exists", ["generate", "x", "--out", "{in}/ok.png"], ["exists", "--overwrite"]),
     ("out-numbered-exists", ["generate", "x", "--num-images", "2", "--out", "{out}/taken.png"], ["taken-1.png"]),
     ("out-read-only", ["generate", "x", "--out", "{out}/ro.png", "--overwrite"], ["read-only"]),
@@ -122,7 +130,11 @@ CASES = [
     ("weights-nan", ["generate", "x", "--model", "{in}/nanmodel"], ["NaN", "{poisoned:nanmodel}"]),
     ("weights-inf", ["generate", "x", "--model", "{in}/infmodel"], ["inf", "{poisoned:infmodel}"]),
     ("weights-corrupt", ["generate", "x", "--model", "{in}/corruptmodel"], ["not a valid safetensors file"]),
-    ("wrong-task-model", ["inpaint", "{in}/ok.png", "{in}/mask.png", "x", "--model", "tiny"], ["inpainting needs"]),
+    (
+        "wrong-task-model",
+        ["inpaint", "{in}/ok.png", "{in}/mask.png", "x", "--model", "tiny"],
+        ["needs an inpainting model", "--model inpainting"],
+    ),
     # -- input images -------------------------------------------------------------------------------------------
     ("image-missing", ["edit", "{in}/missing.png", "x"], ["image not found"]),
     ("image-empty", ["edit", "{in}/empty.png", "x"], ["empty"]),
@@ -139,8 +151,45 @@ CASES = [
     ("mask-wrong-size", ["inpaint", "{in}/ok.png", "{in}/mask32.png", "x"], ["does not match the image size"]),
     ("outpaint-no-margin", ["outpaint", "{in}/ok.png", "x"], ["margins"]),
     ("outpaint-negative", ["outpaint", "{in}/ok.png", "x", "--left", "-5"], ["margins"]),
-    ("outpaint-huge", ["outpaint", "{in}/ok.png", "x", "--model", "tiny", "--left", "10000000"], ["GiB"]),
+    (
+        "outpaint-huge",
+        ["outpaint", "{in}/ok.png", "x", "--model", "inpainting", "--left", "10000000"],
+        ["GiB", "smaller --left/--right/--top/--bottom"],
+    ),
+    ("outpaint-text-model", ["outpaint", "{in}/ok.png", "x", "--left", "64"], ["needs an inpainting model"]),
+    ("generate-inpainting-model", ["generate", "x", "--model", "inpainting"], ["is an inpainting model", "inpaint"]),
+    ("mix-image-missing", ["mix", "{in}/ok.png", "{in}/missing.png"], ["image not found"]),
+    ("mix-image-not-an-image", ["mix", "{in}/text.png", "{in}/ok.png"], ["not an image"]),
+    (
+        "control-init-missing",
+        ["control", "{in}/ok.png", "x", "--init-image", "{in}/missing.png", "--strength", "0.5"],
+        ["image not found"],
+    ),
+    ("control-init-strength-1", ["control", "{in}/ok.png", "x", "--init-image", "{in}/ok.png"], ["strength 1"]),
+    (
+        "control-hed-weights-soft",
+        ["control", "{in}/ok.png", "x", "--edges", "soft", "--hed-weights", "h.pth"],
+        ["hed_weights is only used"],
+    ),
+    ("quantization-on-cpu", ["generate", "x", "--text-encoder-quantization", "8bit", "--device", "cpu"], ["CUDA"]),
+    ("variant-beside-a-name", ["generate", "x", "--variant", "flash"], ["--model flash"]),
+    ("beautify-unknown", ["generate", "x", "--beautify", "bogus"], ["beautify must be", "'bogus'"]),
+    # -- batches ------------------------------------------------------------------------------------------------
+    ("out-dir-without-prompts", ["generate", "x", "--out-dir", "{out}/b"], ["--out-dir is for batches", "--out"]),
+    (
+        "prompt-and-prompts",
+        ["generate", "x", "--prompts", "{in}/prompts.txt", "--out-dir", "{out}/b"],
+        ["--prompts FILE were both given"],
+    ),
+    (
+        "batch-size-0",
+        ["generate", "--prompts", "{in}/prompts.txt", "--out-dir", "{out}/b", "--batch-size", "0"],
+        ["--batch-size must be 1 or more"],
+    ),
+    ("prompts-empty", ["generate", "--prompts", "{in}/blank.txt", "--out-dir", "{out}/b"], ["holds no prompts"]),
+    ("out-dir-is-file", ["generate", "--prompts", "{in}/prompts.txt", "--out-dir", "{in}/afile.txt"], ["is a file"]),
     # -- upscale ------------------------------------------------------------------------------------------------
+    ("upscale-steps-huge", ["upscale", "{in}/ok.png", "--steps", "2000"], ["between 1 and 1000"]),
     ("upscale-missing", ["upscale", "{in}/missing.png"], ["image not found"]),
     ("upscale-truncated", ["upscale", "{in}/truncated.png"], ["truncated"]),
     ("upscale-steps-0", ["upscale", "{in}/ok.png", "--steps", "0"], ["--steps"]),
@@ -155,6 +204,7 @@ CASES = [
     ("convert-dst-not-empty", ["convert", "{in}/tinymodel", "{in}/nanmodel", "--to", "native"], ["--overwrite"]),
     ("convert-not-a-model", ["convert", "{in}/emptymodel", "{out}/d", "--to", "native"], ["no Kandinsky 3 model"]),
     ("info-missing", ["info", "{in}/missing"], ["not found"]),
+    ("info-variant-unknown", ["info", "--variant", "foo"], ["unknown variant 'foo'", "flash"]),
     ("info-not-a-model", ["info", "{in}/emptymodel"], ["no Kandinsky 3 model"]),
     # -- eval / train -------------------------------------------------------------------------------------------
     ("eval-num-0", ["eval", "alignment", "--num", "0"], ["--num"]),
@@ -243,12 +293,38 @@ def _expected(words, inputs):
     return out
 
 
+#: refused before any model loads (each was refused only after loading once)
+BEFORE_LOADING = {
+    "wrong-task-model",
+    "outpaint-text-model",
+    "generate-inpainting-model",
+    "mix-image-missing",
+    "mix-image-not-an-image",
+    "control-init-missing",
+    "control-init-strength-1",
+    "quantization-on-cpu",
+    "variant-beside-a-name",
+    "beautify-unknown",
+    "out-dir-without-prompts",
+    "prompt-and-prompts",
+    "batch-size-0",
+    "prompts-empty",
+    "out-dir-is-file",
+}
+
+
+def _no_loading(args):
+    raise AssertionError("the model was loaded before the input was checked")
+
+
 @pytest.mark.parametrize("case_id, argv, words", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_and_changes_nothing(case_id, argv, words, inputs, tiny, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     out.mkdir()
     monkeypatch.chdir(out)  # default outputs (kandinsky3.png, upscaled.png) would land here
     _fault(case_id, monkeypatch, inputs, out, tiny)
+    if case_id in BEFORE_LOADING:
+        monkeypatch.setattr(cli, "_pipeline", _no_loading)
     before = _snapshot(out, inputs, PACKAGE)
     rc = cli.main(_fill(argv, inputs, out))
     captured = capsys.readouterr()
@@ -337,6 +413,10 @@ def test_unknown_words_and_untrained_size_warn_once_each(tiny, tmp_path, monkeyp
     assert "192x192" in size and "64x64" in size
     rc, lines, _ = _run(["generate", "a red circle", "--out", str(tmp_path / "y.png")], monkeypatch, tiny, capsys)
     assert rc == 0 and lines == []
+    long = " ".join(["a red circle"] * 50)  # 150 words, one token each in tiny's word vocabulary
+    rc, lines, _ = _run(["generate", long, "--out", str(tmp_path / "z.png")], monkeypatch, tiny, capsys)
+    cut = 150 + 1 - tiny.text_encoder.max_length
+    assert rc == 0 and len(lines) == 1 and f"{cut} token(s) longer" in lines[0] and "Token indices" not in lines[0]
 
 
 def test_overwrite_replaces_and_formats_follow_the_extension(tiny, tmp_path, monkeypatch, capsys):

@@ -74,6 +74,15 @@ def test_one_png_per_prompt_and_seed_resumable_and_sharded(nano, tmp_path):
     assert summary["generated"] == 2 and summary["skipped"] == 4
     assert {m["file"]: m["sha256"] for m in _manifest(out)} == before
 
+    # resumed with another setting: the finished images are kept, with a warning that names the change
+    with pytest.warns(UserWarning, match=r"6 finished image\(s\).*steps 1 → 2"):
+        summary = generate_batch(nano, prompts, out, seeds=[0, 1], settings={"steps": 2}, progress=False)
+    assert summary["generated"] == 0 and {m["file"]: m["sha256"] for m in _manifest(out)} == before
+    edited = tmp_path / "edited.txt"  # the first line's prompt changed, same keys
+    edited.write_text(prompts.read_text().replace("a red circle", "a small green square", 1))
+    with pytest.warns(UserWarning, match=r"2 finished image\(s\).*prompt .* → 'a small green square'"):
+        generate_batch(nano, edited, out, seeds=[0, 1], settings={"steps": 1}, progress=False)
+
     # two processes (as under accelerate launch) share the items; the merged result is the same
     sharded = tmp_path / "sharded"
     runs = [generate_batch(nano, prompts, sharded, seeds=[0, 1], settings={"steps": 1}, process_index=r,

@@ -121,6 +121,44 @@ def test_corrupt_files(tmp_path):
         load_file(tmp_path / "bad.safetensors")
 
 
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"", "empty"),
+        (b"hello\n", "neither a zip archive nor a pickle"),
+        (b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 9\n", "Git LFS pointer"),
+        (b"<!DOCTYPE html><html><body>404</body></html>", "web page"),
+        (b"\x80\x02K\x01.garbage", "corrupt or not a PyTorch checkpoint"),  # a pickle, then a broken one
+    ],
+)
+def test_files_that_are_not_checkpoints_are_named_so(tmp_path, content, reason):
+    path = tmp_path / "weights.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=reason) as info:
+        load_file(path)
+    assert "()" not in str(info.value) and "re-download" in str(info.value)
+    if reason in ("empty", "Git LFS pointer", "web page"):  # what a failed download leaves, in any format
+        path = path.rename(tmp_path / "model.safetensors")
+        with pytest.raises(CheckpointError, match=reason):
+            load_file(path)
+
+
+def test_running_out_of_memory_is_not_called_corruption(tmp_path, monkeypatch):
+    torch.save({"w": torch.zeros(2)}, tmp_path / "w.pt")
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(torch, "load", no_memory)
+    with pytest.raises(MemoryError):
+        load_file(tmp_path / "w.pt")
+
+
+def test_legacy_pickle_checkpoints_still_load(tmp_path):
+    torch.save({"w": torch.arange(3.0)}, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    assert torch.equal(load_file(tmp_path / "old.pt")["w"], torch.arange(3.0))
+
+
 def test_truncated_official_unet_is_a_clear_error(official_dir, tmp_path):
     import shutil
 
@@ -130,6 +168,24 @@ def test_truncated_official_unet_is_a_clear_error(official_dir, tmp_path):
     torch.save(blob, tmp_path / "m/weights/kandinsky3.pt")
     with pytest.raises(CheckpointError, match="missing"):
         Kandinsky3.from_pretrained(tmp_path / "m", device="cpu")
+
+
+def test_an_official_folder_with_one_other_unet_is_read_as_that_variant(official_dir, tmp_path):
+    """A folder fetched for Flash alone (the offline hint's command) loads without --variant; with base's U-Net
+    beside it, base stays the default."""
+    import shutil
+
+    from kandinsky3.checkpoints.layouts import read_official
+
+    shutil.copytree(official_dir, tmp_path / "m")
+    w = tmp_path / "m" / "weights"
+    shutil.copy(w / "kandinsky3.pt", w / "kandinsky3_flash.pt")
+    shutil.copy(w / "flan_ul2_encoder/projection.pt", w / "flan_ul2_encoder/projection_flash.pt")
+    (w / "kandinsky3.config.json").unlink()  # as released: no side file, configs read from the shapes
+    assert read_official(tmp_path / "m").variant.unet_file == "weights/kandinsky3.pt"
+    (w / "kandinsky3.pt").unlink()
+    flash = read_official(tmp_path / "m")
+    assert flash.variant.name == "flash-custom" and flash.variant.sampler.kind == "flash"
 
 
 def test_missing_files_are_named(official_dir, tmp_path):
@@ -150,7 +206,11 @@ def test_offline_hub_error_names_files_and_command(monkeypatch, tmp_path):
     assert (
         "weights/kandinsky3.pt" in text and "weights/movq.pt" in text and "hf download ai-forever/Kandinsky3.1" in text
     )
+    assert "`--model ./Kandinsky3.1`" in text  # base is the folder's default: no --variant
     assert fetch_command("a/b", ["x.pt"]) == "hf download a/b --include 'x.pt' --local-dir ./b"
+    with pytest.raises(CheckpointError) as info:
+        resolve("flash", local_files_only=True)
+    assert "kandinsky3_flash.pt" in str(info.value) and "`--model ./Kandinsky3.1 --variant flash`" in str(info.value)
 
 
 def test_unknown_model_name():

@@ -127,3 +127,44 @@ def test_image_commands_do_not_need_the_training_extras():
 def test_unknown_recipe_is_one_line(capsys):
     assert main(["train", "gan", "--config", "configs/toy_gan.yaml"]) == 2
     assert "unknown recipe 'gan'" in capsys.readouterr().err
+
+
+def test_no_progress_silences_the_upscaler_too(tmp_path, capsys):
+    argv = ["generate", "a red circle", "--model", "tiny", "--steps", "2", "--upscale", "2", "--no-progress"]
+    assert main(argv + ["--out", str(tmp_path / "big.png")]) == 0
+    assert capsys.readouterr().err == ""
+    assert read_metadata(tmp_path / "big.png")["upscale"] == 2
+
+
+def test_a_run_that_overflows_is_an_error_not_a_black_picture(tmp_path, capsys):
+    out = tmp_path / "g.png"
+    argv = ["generate", "a blue square", "--model", "tiny", "--steps", "2", "--guidance", "1e300", "--no-progress"]
+    assert main(argv + ["--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "NaN or inf" in err and "--guidance" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_version_and_home_relative_outputs(tmp_path, monkeypatch, capsys):
+    from kandinsky3 import __version__
+    from kandinsky3.cli import output_paths
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"kandinsky3 {__version__}"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert output_paths("~/x.png", 1, False) == [tmp_path / "x.png"]
+
+
+def test_an_unknown_option_shows_the_subcommands_usage(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["outpaint", "photo.png", "a beach", "--width", "128"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith("usage: kandinsky3 outpaint") and "--left" in err
+    assert err.strip().splitlines()[-1] == "kandinsky3 outpaint: error: unrecognized arguments: --width 128"
+
+
+def test_convert_takes_a_packaged_model_by_name(tmp_path, capsys):
+    assert main(["convert", "nano-flash", str(tmp_path / "d"), "--to", "diffusers"]) == 0
+    assert main(["info", str(tmp_path / "d")]) == 0
+    assert "nano-flash" in capsys.readouterr().out

@@ -365,6 +365,10 @@ def test_one_hint_per_prompt_follows_the_prompt_order(tiny):
         (dict(end=1.5), "end"),
         (dict(strength=0.5), "init_image"),
         (dict(edges="canny"), "edges"),
+        (dict(init_image="y.png"), "no effect at strength 1"),  # image→image needs strength < 1
+        (dict(hed_weights="h.pth", edges="soft"), "hed_weights"),
+        (dict(hed_weights="h.pth", hint_is_edges=True), "hed_weights"),
+        (dict(hint_is_edges=True, edges="hed"), "hint_is_edges"),
     ],
 )
 def test_bad_control_requests_are_refused(bad, match):

@@ -306,3 +306,20 @@ def test_eval_edges_scores_the_soft_extractor_and_notes_hed(capsys):
     assert "soft" in format_table(rows)
     assert main(["eval", "edges", "--num", "2"]) == 0
     assert "F-score at 1-px tolerance" in capsys.readouterr().out
+
+
+def test_control_extracts_hed_edges_with_the_given_weights(tmp_path):
+    """`control --edges hed --hed-weights FILE` works offline: the picture is the one made from that file's edges."""
+    from kandinsky3 import Kandinsky3
+
+    src = _scene_png(tmp_path / "in.png", 64)
+    save_safetensors(_random_hed_state(6), tmp_path / "hed.safetensors")
+    argv = ["control", str(src), "a red circle", "--model", "tiny", "--steps", "2", "--seed", "0", "--no-progress"]
+    argv += ["--edges", "hed", "--hed-weights", str(tmp_path / "hed.safetensors"), "--out", str(tmp_path / "c.png")]
+    assert main(argv) == 0
+    edges = extract_edges(Image.open(src), "hed", tmp_path / "hed.safetensors")
+    pipe = Kandinsky3.from_pretrained("tiny", device="cpu")
+    [api] = pipe.control(edges, "a red circle", hint_is_edges=True, seed=0, steps=2, progress=False)
+    [soft] = pipe.control(Image.open(src), "a red circle", seed=0, steps=2, progress=False)
+    made = np.asarray(Image.open(tmp_path / "c.png"))
+    assert np.array_equal(made, np.asarray(api)) and not np.array_equal(made, np.asarray(soft))

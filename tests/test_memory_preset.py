@@ -163,3 +163,19 @@ def test_lent_swaps_and_restores_and_quantized_modules_stay(transfers):
     with pipe.placed(module):
         pass
     assert len(transfers) == n
+
+
+def test_quantization_is_checked_before_loading(monkeypatch):
+    import importlib.util
+
+    from kandinsky3.pipeline import check_quantization
+
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        check_quantization("8bit", torch.device("cpu"))
+    with pytest.raises(ValueError, match="'8bit' or '4bit'"):
+        check_quantization("2bit", torch.device("cuda"))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ModuleNotFoundError, match=r"\.\[quantization\]") as info:
+        check_quantization("4bit", torch.device("cuda"))
+    assert info.value.name == "bitsandbytes"
+    check_quantization(None, torch.device("cpu"))  # nothing asked, nothing checked

@@ -184,6 +184,19 @@ def test_make_beautifier():
         make_beautifier("gpt")
 
 
+@pytest.mark.parametrize("spec", ["gpt", "server localhost:8000", "server ", "server", "ftp://x"])
+def test_a_request_refuses_what_make_beautifier_would(spec):
+    """One rule (requests.parse_beautify) for the request, before loading, and the backend, after."""
+    from kandinsky3 import TextToImage
+
+    with pytest.raises(ValueError, match="beautify must be"):
+        TextToImage(prompt="x", beautify=spec)
+    with pytest.raises(ValueError, match="beautify must be"):
+        make_beautifier(spec)
+    assert TextToImage(prompt="x", beautify="").beautify == ""  # empty: no beautification, as before
+    assert TextToImage(prompt="x", beautify="server http://127.0.0.1:1").beautify
+
+
 def test_generation_never_fails_because_of_beautification(tiny):
     class Broken(Beautifier):
         def expand(self, prompt):

@@ -13,6 +13,7 @@ from kandinsky3 import TextToImage
 from kandinsky3.cli import build_parser, request_from_args
 from kandinsky3.diffusion import SAMPLERS, GenerationCancelled, Sampler, sample_ddim
 from kandinsky3.requests import REQUESTS, GenerationSettings, ImageToImage, Inpaint, Outpaint
+from kandinsky3.registry import VARIANTS
 from kandinsky3.tasks import TASKS, Plan, plan_text_to_image
 
 
@@ -241,3 +242,22 @@ def test_inpainting_is_the_variants_fact_not_the_channel_count(tiny_inpainting):
             tiny_inpainting.inpaint(Image.new("RGB", (64, 64)), np.ones((64, 64), np.float32), "x", steps=1)
     finally:
         tiny_inpainting.variant = replace(tiny_inpainting.variant, inpainting=True)
+
+
+def test_settings_the_run_will_not_read_are_named():
+    nano, flash = VARIANTS["nano"], VARIANTS["nano-flash"]
+    assert TextToImage(prompt="x", negative_prompt="blue", eta=0.5).ignored(nano) == []  # k3, guided: all read
+    [negative] = TextToImage(prompt="x", negative_prompt="blue", guidance=0).ignored(nano)
+    assert negative == "the negative prompt has no effect at guidance 0"
+    [unguided] = TextToImage(prompt="x", negative_prompt="blue").ignored(flash)  # flash takes no guidance at all
+    assert "flash sampler uses no classifier-free guidance" in unguided
+    assert TextToImage(prompt="x", guidance=3).ignored(flash) == [unguided]  # a guidance given to it too
+    assert TextToImage(prompt="x", sampler="flash").ignored(nano) == []
+    assert Outpaint(image="x.png", prompt="x", left=32, eta=0.5, sampler="euler").ignored(nano)  # fixed size: fine
+    eta, threshold = TextToImage(prompt="x", sampler="euler", eta=0.5, threshold_percentile=0.9).ignored(nano)
+    assert eta.startswith("eta is read by the k3 sampler only") and "euler" in eta and "threshold" in threshold
+
+
+def test_the_pipeline_warns_about_ignored_settings(tiny):
+    with pytest.warns(UserWarning, match="negative prompt has no effect"):
+        tiny.generate("x", negative_prompt="blue", guidance=0, steps=1, seed=0, progress=False)

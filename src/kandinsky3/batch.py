@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 
@@ -161,6 +162,15 @@ def generate_batch(
     done = _read_manifests(out_dir)
     mine = [it for k, it in enumerate(items) if k % num_processes == process_index]
     todo = [it for it in mine if not _complete(out_dir, done.get(it.key))]
+    redo = {it.key for it in todo}
+    stale = [(it, changes) for it in mine if it.key not in redo and (changes := _changes(it, done[it.key]))]
+    if stale:
+        it, changes = stale[0]
+        warnings.warn(
+            f"{len(stale)} finished image(s) in {out_dir} were made with another prompt or settings (e.g. {it.file}: "
+            + ", ".join(f"{k} {old!r} → {new!r}" for k, (old, new) in changes.items())
+            + "); they are kept as they are: use another --out-dir, or delete them, to make them anew"
+        )
     shard = out_dir / f"manifest.rank{process_index}.jsonl"
     groups: list[list[Item]] = []
     for it in todo:
@@ -203,6 +213,16 @@ def generate_batch(
     return {"items": len(items), "mine": len(mine), "generated": len(todo), "skipped": len(mine) - len(todo)}
 
 
+def _changes(item: Item, entry: dict) -> dict:
+    """name → (recorded, asked) for what a finished item's manifest entry records otherwise than asked now: the
+    prompt (unless beautified: the entry records the expanded one) and every explicitly asked setting."""
+    recorded = {**entry.get("settings", {}), "prompt": entry.get("prompt")}
+    asked = {"prompt": "", **item.fields}
+    if asked.get("beautify"):
+        del asked["prompt"]
+    return {k: (recorded[k], v) for k, v in asked.items() if k in recorded and recorded[k] != v}
+
+
 def _same_settings(a: Item, b: Item) -> bool:
     strip = lambda f: {k: v for k, v in f.items() if k != "prompt"}  # noqa: E731
     return strip(a.fields) == strip(b.fields)
@@ -224,11 +244,19 @@ def run_from_args(args: argparse.Namespace, load_pipeline) -> dict:
     (device)`` builds the model. Under ``accelerate launch`` each process takes its share on its own device."""
     if args.out_dir is None:
         raise ValueError("--prompts needs --out-dir")
+    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        raise ValueError(f"--out-dir {args.out_dir} is a file; give a folder for the images and the manifest")
+    if getattr(args, "prompt", None):
+        raise ValueError("a prompt and --prompts FILE were both given: put the prompt in the file, or drop --prompts")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be 1 or more, got {args.batch_size}")
     seeds = args.seed if isinstance(args.seed, list) else [0 if args.seed is None else args.seed]
     settings = {k: getattr(args, k) for k in SETTINGS if getattr(args, k, None) is not None}
     if settings.get("pixel_rounding") == "truncate":
         del settings["pixel_rounding"]  # the default
     items = plan(read_prompts(args.prompts), seeds, settings)  # validated before the model loads
+    if not items:
+        raise ValueError(f"{args.prompts} holds no prompts (blank lines and # comments are skipped): add one a line")
     rank, world, device, state = 0, 1, getattr(args, "device", None), None
     try:
         from accelerate import PartialState

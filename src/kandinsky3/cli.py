@@ -222,7 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_formatter,
         epilog=EXAMPLES["generate"],
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"kandinsky3 {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = sub.choices  # name → its parser (for the errors main() raises after parsing)
 
     helps = {
         "generate": "text → image",
@@ -504,41 +508,68 @@ def _check_positive(**values):
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
-def output_paths(out: str, count: int, overwrite: bool) -> list[Path]:
+def output_paths(out: str, count: int, overwrite: bool, flag: str = "--out") -> list[Path]:
     """The files ``count`` images go to (``-0``, ``-1``, … appended for several), checked before any work: a known
-    image extension, an existing writable folder, not a folder, and no existing file unless ``overwrite``."""
+    image extension, an existing writable folder, not a folder, and no existing file unless ``overwrite``.
+    ``flag``: how the messages name the argument (``--out``, or a positional's name)."""
     from .images import image_format
 
-    out = Path(out)
+    out = Path(out).expanduser()
+    if out.is_dir():
+        raise ValueError(f"{flag} {out} is a folder; give a file name, e.g. {out / 'image.png'}")
     image_format(out)
     paths = [out] if count == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
     folder = out.parent
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist; create it first"
-        raise ValueError(f"--out {out}: {folder} {what}")
+        raise ValueError(f"{flag} {out}: {folder} {what}")
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: the folder {folder} is not writable; choose another --out")
+        raise ValueError(f"{flag} {out}: the folder {folder} is not writable; choose another {flag}")
     for path in paths:
         if path.is_dir():
-            raise ValueError(f"--out {path} is a folder; give a file name, e.g. {path / 'image.png'}")
+            raise ValueError(f"{flag} {path} is a folder; give a file name, e.g. {path / 'image.png'}")
         if path.exists():
             if not overwrite:
-                raise ValueError(f"{path} exists; pass --overwrite to replace it, or choose another --out")
+                raise ValueError(f"{path} exists; pass --overwrite to replace it, or choose another {flag}")
             if not os.access(path, os.W_OK) or not path.stat().st_mode & stat.S_IWUSR:
-                raise ValueError(f"{path} is read-only; make it writable or choose another --out")
+                raise ValueError(f"{path} is read-only; make it writable or choose another {flag}")
     return paths
 
 
 def _known_variant(args):
     """The registered variant ``--model`` names, or None for a folder or hub id (known once loaded); an unknown
     plain name is an error here, before anything loads."""
-    from .registry import DEFAULT_VARIANT, get_variant
+    from .registry import DEFAULT_VARIANT, get_variant, variant_for
 
     text = args.model or DEFAULT_VARIANT
     if Path(text).expanduser().exists() or "/" in text:
         return None
-    named = get_variant(text)  # raises for an unknown name
-    return get_variant(args.variant) if args.variant else named
+    return variant_for(get_variant(text), args.variant)  # raises for an unknown name or a clashing --variant
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _check_task_fits(request, variant):
+    """A task the named model's U-Net cannot do (inpainting on a text→image model, or the reverse), refused before
+    loading: the registry knows which U-Net a name has."""
+    from .requests import Inpaint, Outpaint
+
+    inpainting = isinstance(request, (Inpaint, Outpaint))
+    if inpainting and not variant.is_inpainting:
+        raise ValueError(
+            f"{request.command} needs an inpainting model (a U-Net with the masked-image input channels); "
+            f"{variant.name} is a text→image model: use --model inpainting (Kandinsky 3.1's, downloaded) or "
+            "--model FOLDER (an inpainting model you trained, docs/inpainting.md)"
+        )
+    if variant.is_inpainting and not inpainting:
+        raise ValueError(
+            f"{variant.name} is an inpainting model: it runs `kandinsky3 inpaint` / `outpaint`; for "
+            f"{request.command} use a text→image model (--model base, flash or nano)"
+        )
 
 
 def _planned_size(request, variant, multiple: int) -> tuple[int, int]:
@@ -570,16 +601,24 @@ def _check_size(request, variant, args):
     check_size(width, height, multiple)
     if args.force:
         return
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device or _default_device())
     need = estimate_memory(
         variant, width, height, request.num_images, args.movq_tiling, attention_scores=device.type != "cuda"
     )
     have = device_memory(device)
     if need > have:
+        from .requests import Outpaint
+
+        smaller = [
+            "smaller --left/--right/--top/--bottom" if isinstance(request, Outpaint) else "a smaller --width/--height"
+        ]
+        if request.num_images > 1:
+            smaller.append("fewer --num-images")
+        if not args.movq_tiling:
+            smaller.append("--movq-tiling")
         raise ValueError(
-            f"{width}x{height} needs an estimated {need / 2**30:,.1f} GiB, more than the {have / 2**30:,.0f} GiB of "
-            f"{device}; use a smaller --width/--height{'' if args.movq_tiling else ' or --movq-tiling'}, or --force "
-            "to try anyway"
+            f"{request.num_images} × {width}x{height} needs an estimated {need / 2**30:,.1f} GiB, more than the "
+            f"{have / 2**30:,.0f} GiB of {device}; use {' or '.join(smaller)}, or --force to try anyway"
         )
 
 
@@ -588,15 +627,28 @@ def _generate(args) -> list[Path]:
 
     request_cls = next(r for r in REQUESTS if r.command == args.command)
     _check_device(args.device)
-    if getattr(args, "image", None) is not None:
-        args.image = as_pil(args.image)
+    if getattr(args, "out_dir", None) is not None:
+        raise ValueError("--out-dir is for batches (--prompts FILE); for one prompt name the picture with --out")
+    for name in ("image", "init_image"):  # every input picture is read (and refused) before the model loads
+        if getattr(args, name, None) is not None:
+            setattr(args, name, as_pil(getattr(args, name)))
+    if getattr(args, "images", None):
+        args.images = [as_pil(image) for image in args.images]
     if getattr(args, "mask", None) is not None:
         args.mask = as_mask(args.mask, args.image.size)
     request = request_from_args(request_cls, args)  # validated before the model loads
+    if args.text_encoder_quantization:
+        import torch
+
+        from .pipeline import check_quantization
+
+        check_quantization(args.text_encoder_quantization, torch.device(args.device or _default_device()))
     if isinstance(request.seed, list) and len(request.seed) != request.num_images:  # one prompt on the CLI
-        raise ValueError(f"{len(request.seed)} seeds for {request.num_images} images: give one seed, or one per image")
+        images = f"{request.num_images} image{'s' if request.num_images != 1 else ''}"
+        raise ValueError(f"{len(request.seed)} seeds for {images}: give one seed, or one per image (--num-images)")
     variant = _known_variant(args)
     if variant is not None:
+        _check_task_fits(request, variant)
         _check_size(request, variant, args)
     paths = output_paths(args.out, request.num_images, args.overwrite)
     progress = _progress(args)
@@ -631,6 +683,9 @@ def _upscale(args) -> list[Path]:
 
     _check_device(args.device)
     _check_positive(steps=args.steps, stride=args.stride, view_batch_size=args.view_batch_size)
+    from .superres import check_steps
+
+    check_steps(args.steps)
     if args.window is not None and args.window < 0:
         raise ValueError(f"--window must be 0 (the whole image) or a positive size, got {args.window}")
     if not 0 <= args.seed <= MAX_SEED:
@@ -667,9 +722,11 @@ def _save_all(images, paths: list[Path]) -> list[Path]:
 
 def _convert(args):
     from .checkpoints import convert
-    from .registry import get_variant
+    from .registry import VARIANTS, get_variant
 
-    src, dst = Path(args.src), Path(args.dst)
+    src, dst = Path(args.src).expanduser(), Path(args.dst).expanduser()
+    if not src.exists() and args.src.lower() in VARIANTS and VARIANTS[args.src.lower()].local_dir is not None:
+        src = VARIANTS[args.src.lower()].local_dir  # a model in the package, by its name (nano, nano-flash, …)
     if not src.exists():
         raise FileNotFoundError(f"model folder not found: {src}")
     if dst.exists() and not dst.is_dir():
@@ -704,9 +761,7 @@ def _edges(args):
 
     if args.method != "hed" and args.hed_weights is not None:
         raise ValueError("--hed-weights is only used with --method hed")
-    if Path(args.out).is_file() and not args.overwrite:
-        raise ValueError(f"{args.out} exists; pass --overwrite to replace it, or choose another output file")
-    (path,) = output_paths(args.out, 1, args.overwrite)
+    (path,) = output_paths(args.out, 1, args.overwrite, flag="OUT")
     edges = extract_edges(open_image(args.image), args.method, args.hed_weights, safe=args.safe)
     save_image(edges, path)
     print(path)
@@ -715,10 +770,8 @@ def _edges(args):
 def _info(args):
     from .checkpoints import layouts
     from .checkpoints.loading import resolve
-    from .registry import get_variant
 
-    root, named = resolve(args.model)
-    variant = get_variant(args.variant) if args.variant else named
+    root, variant = resolve(args.model, variant_name=args.variant)
     if root is None:
         print(f"{variant.name}: {variant.description} (in-memory preset, no files)")
         return
@@ -911,7 +964,10 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 2 a usage or input error (one line on stderr, nothing written), 130 interrupted."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # refused by the subcommand, whose usage line shows the options it has
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     prefix = f"kandinsky3 {args.command}"
 
     def show_warning(message, category, filename, lineno, file=None, line=None):

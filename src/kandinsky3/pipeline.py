@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import random
 import threading
@@ -38,9 +39,9 @@ def estimate_memory(
     """A rough peak of the activation memory (bytes, fp32, weights excluded) of generating ``images`` pictures of
     ``width``×``height``: the largest of the U-Net's self-attention scores and feature maps (both guidance
     branches) and the MoVQ decoder's full-resolution feature maps and latent-resolution attention (two images per
-    decode; tiles with ``tiled``). ``attention_scores=False`` leaves out the attention score matrices (CUDA's
-    fused attention kernels do not store them). It errs high; its purpose is refusing sizes that cannot fit, before
-    anything is allocated."""
+    decode; tiles with ``tiled``). ``attention_scores=False`` leaves out the attention score
+    matrices (CUDA's fused attention kernels do not store them). It errs high; its purpose is refusing sizes that
+    cannot fit, before anything is allocated."""
     f = variant.movq.downsample_factor
     h, w = height // f, width // f
     u, m = variant.unet, variant.movq
@@ -82,6 +83,23 @@ def _preset_16gb(device: torch.device) -> dict:
 
 
 MEMORY_PRESETS = {"16gb": _preset_16gb}
+
+
+def check_quantization(quantization: str | None, device: torch.device):
+    """Refused before loading: bitsandbytes' 8/4-bit layers run on CUDA and need the package installed."""
+    if quantization is None:
+        return
+    if quantization not in ("8bit", "4bit"):
+        raise ValueError(f"text_encoder_quantization must be '8bit' or '4bit', not {quantization!r}")
+    if device.type != "cuda":
+        raise ValueError(
+            f"text_encoder_quantization={quantization!r} uses bitsandbytes' CUDA kernels: it needs a CUDA "
+            f"device, not {device}; on a CPU drop it (to save memory there: stream_text_encoder, CLI "
+            "--stream-text-encoder, or a smaller dtype)"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        message = 'bitsandbytes is not installed: pip install -e ".[quantization]"'
+        raise ModuleNotFoundError(message, name="bitsandbytes")
 
 
 class Kandinsky3:
@@ -188,6 +206,7 @@ class Kandinsky3:
             )
         if cuda_graph:  # refused before minutes of loading, not after
             cls._check_cuda_graph(device, offload)
+        check_quantization(text_encoder_quantization, torch.device(text_encoder_device or device))
         if stream_text_encoder and text_encoder_device is None:
             text_encoder_device = "cpu"  # the masters; its blocks are lent to `device` as it runs
         load_device = "cpu" if offload else device
@@ -262,12 +281,15 @@ class Kandinsky3:
         builder = TASKS.get(type(request))
         if builder is None:
             raise TypeError(f"no task for {type(request).__name__}; known: {', '.join(t.__name__ for t in TASKS)}")
+        for message in request.ignored(self.variant):
+            warnings.warn(message, stacklevel=2)
         with self._lock:
             plan = builder(self, request)
             if plan.images is not None:  # nothing to sample (an empty inpainting mask): the builder's result
                 return plan.images
             images = self._execute(plan, generator, callback, progress)
-            return plan.finish(images) if plan.finish else images
+            images = plan.finish(images) if plan.finish else images
+            return self.upscale_images(images, plan.upscale, progress) if plan.upscale else images
 
     def generate(
         self,
@@ -503,11 +525,6 @@ class Kandinsky3:
     def _execute(self, plan: Plan, generator, callback, progress) -> list[Image.Image]:
         s = plan.settings
         sampler = SAMPLERS[s.sampler]
-        if not sampler.guided and (s.guidance or plan.negative_prompts is not None):
-            warnings.warn(
-                f"the {s.sampler} sampler uses no classifier-free guidance: guidance and negative prompts are ignored",
-                stacklevel=4,
-            )
         if not plan.adapters and self.is_inpainting:
             raise ValueError("this is an inpainting U-Net: use inpaint() or outpaint()")
         self._warn_about_inputs(plan)
@@ -529,6 +546,13 @@ class Kandinsky3:
                 self.schedule, s.steps, noise, s.eta, s.threshold_percentile, x0, s.strength, callback, progress
             )
             latents = sampler.sample(denoiser, x, run)
+        if not bool(torch.isfinite(latents).all()):  # one read per run: a black picture is no answer
+            dtype = next(self.unet.parameters()).dtype
+            fix = "lower the guidance (--guidance), or " if s.guidance else ""
+            raise ValueError(
+                f"the run produced NaN or inf values (guidance {s.guidance:g}, U-Net {dtype}); {fix}use a wider "
+                "dtype (bf16 / fp32) if the weights are fp16, or check the weights"
+            )
         with self.placed(self.movq):
             images = self._decode(latents, s.pixel_rounding)
         settings = {k: v for k, v in s.to_dict().items() if k != "seed"}
@@ -551,10 +575,16 @@ class Kandinsky3:
         return out
 
     def _warn_about_inputs(self, plan: Plan):
-        """One warning for prompt words the tokenizer does not know, one for a size the model was not trained at
-        (more than 2× off its ``variant.size``² pixels either way)."""
+        """One warning for prompt words the tokenizer does not know, one for a prompt longer than the encoder reads,
+        one for a size the model was not trained at (more than 2× off its ``variant.size``² pixels either way)."""
         texts = list(plan.prompts) + list(plan.negative_prompts or [])
-        unknown = self.text_encoder.unknown_words(texts)
+        unknown, overflow = self.text_encoder.read_report(texts)
+        if overflow > 0:
+            warnings.warn(
+                f"a prompt is {overflow} token(s) longer than the {self.text_encoder.max_length} the text encoder "
+                "reads (EOS included): its end is cut off",
+                stacklevel=5,
+            )
         if unknown:
             warnings.warn(
                 f"the {self.variant.name} tokenizer does not know {', '.join(map(repr, unknown))}: "

@@ -314,14 +314,11 @@ def make_beautifier(spec) -> Beautifier | None:
         return None
     if isinstance(spec, Beautifier):
         return spec
-    if spec is True or spec == "local":
+    if spec is True:
         return LocalLLM()
-    if spec == "template":
-        return TemplateBeautifier()
-    if isinstance(spec, str):
-        url = spec.split(maxsplit=1)[1] if spec.startswith("server ") else spec
-        if url.startswith(("http://", "https://")):
-            return ServerLLM(url)
-    raise ValueError(
-        f"beautify must be True, 'local', 'template', 'server URL', an http(s) URL or a Beautifier, not {spec!r}"
-    )
+    if not isinstance(spec, str):
+        raise ValueError(f"beautify must be True, a backend name or URL, or a Beautifier, not {spec!r}")
+    from .requests import parse_beautify
+
+    kind, url = parse_beautify(spec)
+    return {"local": LocalLLM, "template": TemplateBeautifier}[kind]() if url is None else ServerLLM(url)

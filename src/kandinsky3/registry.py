@@ -209,6 +209,23 @@ def get_variant(name: str) -> Variant:
     return VARIANTS[key]
 
 
+def variant_for(named: Variant | None, variant: str | None) -> Variant | None:
+    """The variant a load uses: ``variant`` (``--variant``) picks one of the U-Nets an official folder holds; a
+    registered name (``named``) is one variant already, so another ``variant`` beside it is refused, not ignored."""
+    if variant is None:
+        return named
+    if variant.lower() not in VARIANTS and variant.lower() not in ALIASES:
+        raise ValueError(f"unknown variant {variant!r}: an official folder holds base, flash or inpainting U-Nets")
+    chosen = get_variant(variant)
+    if named is not None and chosen.name != named.name:
+        raise ValueError(
+            f"variant {variant!r} picks a U-Net of an official folder, but {named.name!r} is a registered model: "
+            f"load {chosen.name!r} by name instead (from_pretrained({chosen.name!r}); CLI: --model {chosen.name}), "
+            "or drop the variant"
+        )
+    return chosen
+
+
 HED_CONTROLNET_REPO = "ai-forever/kandinsky3_controlnet_hed"
 NANO_CONTROLNET_DIR = Path(__file__).parent / "weights" / "nano-controlnet"
 #: named ControlNets (``Variant.controlnet``, ``from_pretrained(..., controlnet=NAME)``): a hub id, a folder, or None

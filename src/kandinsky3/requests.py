@@ -31,8 +31,24 @@ def _multiple(name: str) -> int:
 _GUIDANCE_DEFAULTS = f"{VARIANTS['base'].sampler.guidance} for base, {VARIANTS['nano'].sampler.guidance} for nano"
 _SIZE_HELP = (
     f"pixels, a multiple of {_multiple('base')} ({_multiple('nano')} for nano) (default: the model's size, "
-    f"{VARIANTS['base'].size} for base, {VARIANTS['nano'].size} for nano)"
+    f"{VARIANTS['base'].size} for base, {VARIANTS['nano'].size} for nano; from an input picture: its aspect ratio "
+    "at about the model's pixel count)"
 )
+
+
+def parse_beautify(spec: str) -> tuple[str, str | None]:
+    """A ``beautify`` string → (``"template"`` | ``"local"`` | ``"server"``, the server's URL or None); anything
+    else is refused naming the forms (:func:`kandinsky3.prompts.make_beautifier` builds the backend)."""
+    if spec in ("template", "local"):
+        return spec, None
+    words = spec.split(maxsplit=1)
+    url = words[1] if len(words) == 2 and words[0] == "server" else spec
+    if url.startswith(("http://", "https://")):
+        return "server", url
+    raise ValueError(
+        f"beautify must be template, local or an LLM server's http(s) URL (also as 'server URL'), not {spec!r} "
+        "(--beautify with no value: the model's own)"
+    )
 
 
 def option(help: str, **cli) -> dict:
@@ -126,20 +142,26 @@ class GenerationSettings:
             if getattr(self, name) != default:
                 raise ValueError(f"{name} is not a setting of {type(self).__name__} (it is fixed at {default!r})")
 
-    def resolve(self, variant: Variant) -> "GenerationSettings":
-        """Fill every ``None`` with the variant's default (the defaults of another sampler where one is chosen)."""
+    def _sampler_and_guidance(self, variant: Variant) -> tuple[str, float]:
+        """The sampler a run uses and its guidance (a given value, else the sampler's default for the variant)."""
         d = variant.sampler
         sampler = self.sampler or d.kind
         if not SAMPLERS[sampler].guided:
             guidance = 0.0
         else:
             guidance = d.guidance if SAMPLERS[d.kind].guided else DEFAULT_GUIDANCE
+        return sampler, self.guidance if self.guidance is not None else guidance
+
+    def resolve(self, variant: Variant) -> "GenerationSettings":
+        """Fill every ``None`` with the variant's default (the defaults of another sampler where one is chosen)."""
+        d = variant.sampler
+        sampler, guidance = self._sampler_and_guidance(variant)
         return replace(
             self,
             steps=self.steps
             if self.steps is not None
             else (d.steps if sampler == d.kind else SAMPLERS[sampler].default_steps),
-            guidance=self.guidance if self.guidance is not None else guidance,
+            guidance=guidance,
             width=self.width or variant.size,
             height=self.height or variant.size,
             sampler=sampler,
@@ -148,6 +170,24 @@ class GenerationSettings:
             if self.threshold_percentile is not None
             else d.threshold_percentile,
         )
+
+    def ignored(self, variant: Variant) -> list[str]:
+        """Settings given that this run will not read, one message each (warned, not refused: a shared config or a
+        script may carry them for other samplers)."""
+        sampler, guidance = self._sampler_and_guidance(variant)
+        messages = [
+            f"{name} is read by the k3 sampler only: the {sampler} sampler ignores it"
+            for name in ("eta", "threshold_percentile")
+            if getattr(self, name) is not None and name not in SAMPLERS[sampler].reads
+        ]
+        negative = getattr(self, "negative_prompt", None) is not None
+        if not SAMPLERS[sampler].guided and (self.guidance or negative):
+            messages.append(
+                f"the {sampler} sampler uses no classifier-free guidance: guidance and negative prompts are ignored"
+            )
+        elif negative and guidance == 0:
+            messages.append("the negative prompt has no effect at guidance 0")
+        return messages
 
     def to_dict(self) -> dict:
         """The shared settings only (what the PNG metadata records), not the task's inputs."""
@@ -221,6 +261,11 @@ class TextToImage(ImagePromptSettings):
             "the model's adapter is loaded on first use)"
         ),
     )
+
+    def validate(self):
+        super().validate()
+        if isinstance(self.beautify, str) and self.beautify:
+            parse_beautify(self.beautify)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -308,6 +353,13 @@ class Control(GenerationSettings):
             choices=("soft", "hed"),
         ),
     )
+    hed_weights: str | None = field(
+        default=None,
+        metadata=option(
+            "with --edges hed: a local ControlNetHED.pth / .safetensors file or a hub id (default: "
+            "lllyasviel/Annotators/ControlNetHED.pth, downloaded)"
+        ),
+    )
     scale: float | Any = field(
         default=1.0,
         metadata=option(
@@ -347,8 +399,20 @@ class Control(GenerationSettings):
                 )
         if self.edges not in (None, "soft", "hed"):
             raise ValueError(f"edges must be soft or hed, got {self.edges!r}")
+        if self.hed_weights is not None and (self.edges == "soft" or self.hint_is_edges):
+            raise ValueError(
+                "hed_weights is only used when edges are extracted with the HED network: drop it, or use edges='hed' "
+                "without hint_is_edges"
+            )
+        if self.hint_is_edges and self.edges is not None:
+            raise ValueError(f"hint_is_edges takes the image as an edge map, so edges={self.edges!r} would not be used")
         if self.strength < 1 and self.init_image is None:
             raise ValueError("strength < 1 needs init_image (the picture an image→image run starts from)")
+        if self.init_image is not None and self.strength == 1:
+            raise ValueError(
+                "init_image has no effect at strength 1 (the whole schedule runs from noise): pass a strength below "
+                "1, e.g. 0.7, or drop init_image"
+            )
 
 
 MIX_RULES = ("sum", "mean")

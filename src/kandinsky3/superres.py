@@ -35,12 +35,21 @@ from .models.superres import RefineParts, SuperResUNet, refine_context_from_text
 from .models.tiles import tiled_map
 
 SCALES = (2, 4)
+TRAIN_TIMESTEPS = 1000  # the DPM-Solver's training schedule: more steps than this have no timesteps to visit
+
+
+def check_steps(steps: int | None):
+    """Refuse a step count the standard upscaler's DPM-Solver cannot run (None: the model's own)."""
+    if steps is not None and not 1 <= steps <= TRAIN_TIMESTEPS:
+        raise ValueError(f"upscaling steps must be between 1 and {TRAIN_TIMESTEPS}, got {steps}")
 
 
 def make_dpm_scheduler(steps: int):
     from diffusers import DPMSolverMultistepScheduler
 
-    scheduler = DPMSolverMultistepScheduler(beta_schedule="linear", prediction_type="sample", thresholding=False)
+    scheduler = DPMSolverMultistepScheduler(
+        num_train_timesteps=TRAIN_TIMESTEPS, beta_schedule="linear", prediction_type="sample", thresholding=False
+    )
     scheduler.set_timesteps(steps)
     return scheduler
 
@@ -105,6 +114,7 @@ class SuperRes:
         ``blend``: ``"ramp"`` (default) fades views out over the overlap at inner edges; ``"uniform"`` is the
         official plain average.
         """
+        check_steps(steps)
         image = self._check_image(image)
         scale = scale or self.scale
         if scale not in SCALES:

@@ -38,7 +38,7 @@ from .requests import (
 @dataclass
 class Plan:
     """What :meth:`Kandinsky3.run` executes: encode the prompts, draw noise of ``shape``, sample (from
-    ``init_latents`` part-way when given) with the adapters, decode, ``finish``, stamp the metadata."""
+    ``init_latents`` part-way when given) with the adapters, decode, ``finish``, upscale, stamp the metadata."""
 
     task: str
     prompts: list[str]
@@ -51,6 +51,7 @@ class Plan:
     original_prompts: list[str] | None = None
     images: list[Image.Image] | None = None  # the result when there is nothing to sample (an empty inpainting mask)
     metadata: dict = field(default_factory=dict)  # the task's own settings, stamped on every image (as resolved)
+    upscale: int | None = None  # chain the upscaler (2 or 4) on the finished images, with the run's progress setting
 
     @property
     def batch_size(self) -> int:
@@ -89,14 +90,13 @@ def plan_text_to_image(pipe, req: TextToImage) -> Plan:
     if req.beautify:
         originals = prompts
         prompts = [pipe.beautify(p, req.beautify).prompt for p in prompts]
-    finish = (lambda images: pipe.upscale_images(images, req.upscale)) if req.upscale else None
     plan = Plan(
         "generate",
         prompts,
         negative_list(req.negative_prompt, prompts),
         s,
         _shape(pipe, len(prompts) * s.num_images, s.width, s.height),
-        finish=finish,
+        upscale=req.upscale,
         original_prompts=originals,
     )
     if req.image is not None:  # image + text (IP-Adapter): one image for every prompt, or one per prompt
@@ -138,8 +138,8 @@ def plan_inpaint(pipe, req: Inpaint, task: str = "inpaint") -> Plan:
     if not pipe.is_inpainting:
         raise ValueError(
             f"inpainting needs a U-Net with {2 * pipe.latent_channels + 1} input channels; this "
-            f"model's has {pipe.unet.in_channels}. Load one: Kandinsky3.from_pretrained('inpainting') (or "
-            "'nano-inpainting', the 64-px shapes-world one)"
+            f"model's has {pipe.unet.in_channels}. Load one: Kandinsky3.from_pretrained('inpainting') "
+            "(CLI: --model inpainting) or an inpainting model folder you trained (docs/inpainting.md)"
         )
     image = as_pil(req.image)
     # soft or noisy masks are made binary: ≥ 0.5 (grey 128 of 255 and above) is repainted
@@ -200,7 +200,9 @@ def paste_back(images: list[Image.Image], original: Image.Image, mask: np.ndarra
     return out
 
 
-def control_hint(image, width: int, height: int, is_edges: bool, method: str = "soft") -> torch.Tensor:
+def control_hint(
+    image, width: int, height: int, is_edges: bool, method: str = "soft", hed_weights=None
+) -> torch.Tensor:
     """The ControlNet's hint (1, 3, height, width) in [0, 1]: the image (any mode; grey / RGBA converted) resized
     to the output size (bicubic), then its edges by ``method`` (soft: what the nano ControlNet was trained on;
     hed: the released one's) unless it is an edge map already (``is_edges``)."""
@@ -209,7 +211,7 @@ def control_hint(image, width: int, height: int, is_edges: bool, method: str = "
     image = as_pil(image)
     if image.size != (width, height):
         image = image.resize((width, height), Image.BICUBIC, reducing_gap=None)
-    return image_to_unit(image if is_edges else extract_edges(image, method))
+    return image_to_unit(image if is_edges else extract_edges(image, method, hed_weights if method == "hed" else None))
 
 
 def plan_control(pipe, req: Control) -> Plan:
@@ -233,7 +235,14 @@ def plan_control(pipe, req: Control) -> Plan:
     batch = len(prompts) * s.num_images
     controlnet = pipe.get_controlnet()
     method = req.edges or getattr(controlnet, "hint_method", "soft")
-    hints = torch.cat([control_hint(im, width, height, req.hint_is_edges, method) for im in [hint_image, *images[1:]]])
+    if req.hed_weights is not None and method != "hed" and not req.hint_is_edges:
+        raise ValueError(f"hed_weights is only used with edges='hed'; this ControlNet extracts {method} edges")
+    hints = torch.cat(
+        [
+            control_hint(im, width, height, req.hint_is_edges, method, req.hed_weights)
+            for im in [hint_image, *images[1:]]
+        ]
+    )
     if len(images) > 1:  # one hint per prompt: rows follow the prompts' order (repeat_interleave, as the text)
         hints = hints.repeat_interleave(s.num_images, dim=0)
     init = None

@@ -28,6 +28,10 @@ def load_file(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weight file not found: {path}")
+    head = _first_bytes(path)
+    wrong = _not_weights(head)
+    if wrong:
+        raise CheckpointError(f"{path} is not a weight file: {wrong}; re-download it")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file as load_st
 
@@ -37,6 +41,10 @@ def load_file(path: str | os.PathLike) -> dict:
             raise CheckpointError(
                 f"{path} is not a valid safetensors file ({exc}); re-download or re-convert it"
             ) from exc
+    if not (head.startswith(b"PK") or head[0] == _PICKLE_PROTOCOL):
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint: it is neither a zip archive nor a pickle; re-download it"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except pickle.UnpicklingError as exc:
@@ -45,8 +53,31 @@ def load_file(path: str | os.PathLike) -> dict:
             "Only plain tensor checkpoints are loaded (torch.load weights_only=True); convert it with "
             "`kandinsky3 convert` on a trusted machine, or use a .safetensors file"
         ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
-        raise CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint ({exc}); re-download it") from exc
+    except (MemoryError, OSError):  # not the file's fault: out of memory, a read error
+        raise
+    except Exception as exc:  # a damaged archive or pickle fails in many ways (KeyError, EOFError, BadZipFile, …)
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint ({detail}); re-download it") from exc
+
+
+_PICKLE_PROTOCOL = 0x80  # every torch.save file is a zip archive or a pickle of protocol ≥ 2, which starts so
+
+
+def _first_bytes(path: Path, count: int = 64) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(count)
+
+
+def _not_weights(head: bytes) -> str | None:
+    """Why a file starting with ``head`` holds no weights of any format (None when it may): an empty file, a Git LFS
+    pointer or a saved web page are what a download gone wrong leaves."""
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"version https://git-lfs"):
+        return "it is a Git LFS pointer, not the weights (fetch them with `git lfs pull` or download the file)"
+    if head.lstrip().lower().startswith((b"<!doctype", b"<html", b"<?xml")):
+        return "it is a web page (a download that returned an error page?)"
+    return None
 
 
 def _is_zip(path: Path) -> bool:

@@ -380,7 +380,8 @@ def load_ip_adapter(
         name_or_path = v.ip_adapter
         if name_or_path is None:
             raise CheckpointError(
-                f"the {v.name} model has no IP-Adapter; load one with load_ip_adapter(FOLDER) (docs/ip_adapter.md)"
+                f"the {v.name} model has no IP-Adapter; load one with load_ip_adapter(FOLDER) (CLI: --ip-adapter "
+                "FOLDER; docs/ip_adapter.md)"
             )
     folder = resolve_folder(name_or_path, local_files_only)
     raw = read_ip_adapter(folder)

@@ -119,10 +119,10 @@ def _apply_meta(variant: Variant, meta: dict) -> Variant:
 
 
 def read_official(root: Path, variant: Variant | None = None) -> RawCheckpoint:
-    variant = variant or VARIANTS["base"]
+    wdir = _official_weights_dir(root)
+    variant = variant or _official_variant(wdir)
     if not variant.unet_file:
         raise CheckpointError(f"the {variant.name!r} variant has no official checkpoint files")
-    wdir = _official_weights_dir(root)
     files = {
         name: wdir / _official_relative(getattr(variant, name))
         for name in ("unet_file", "projection_file", "movq_file")
@@ -156,6 +156,13 @@ def read_official(root: Path, variant: Variant | None = None) -> RawCheckpoint:
         null_embedding=None if null is None else null.reshape(-1),
         text_encoder_dir=te_dir if te_dir.is_dir() else None,
     )
+
+
+def _official_variant(wdir: Path) -> Variant:
+    """The variant of an official folder when none is named: base if its U-Net is there, else the only official
+    U-Net present (a folder fetched for Flash or inpainting alone), else base (whose missing files are then named)."""
+    present = [v for v in VARIANTS.values() if v.unet_file and (wdir / _official_relative(v.unet_file)).is_file()]
+    return present[0] if len(present) == 1 else VARIANTS["base"]
 
 
 def write_official(raw: RawCheckpoint, root: str | Path):

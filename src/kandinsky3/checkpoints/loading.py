@@ -14,7 +14,7 @@ from ..models.movq import MoVQ
 from ..models.seeding import drawing_from
 from ..models.text import TextEncoder, build_word_tokenizer, make_projection
 from ..models.unet import UNet
-from ..registry import ALIASES, DEFAULT_VARIANT, VARIANTS, Variant, get_variant
+from ..registry import ALIASES, DEFAULT_VARIANT, OFFICIAL_REPO, VARIANTS, Variant, get_variant, variant_for
 from .io import CheckpointError, cast_floating, check_finite, load_into
 from .layouts import WRITERS, RawCheckpoint, read
 
@@ -37,18 +37,23 @@ def fetch_command(repo: str, files: list[str]) -> str:
 
 
 def resolve(
-    name_or_path: str | os.PathLike | None, local_files_only: bool = False
+    name_or_path: str | os.PathLike | None, local_files_only: bool = False, variant_name: str | None = None
 ) -> tuple[Path | None, Variant | None]:
-    """→ (local folder, or None for the in-memory ``tiny`` preset; the variant if a registered name was given).
+    """→ (local folder, or None for the in-memory ``tiny`` preset; the variant if a registered name was given, or
+    ``variant_name``).
 
     Accepts a folder, a registered name (``nano``, ``base``, ``flash``, …), or a Hugging Face repo id.
+    ``variant_name`` (``--variant``) picks a U-Net of an official folder; beside a registered name it is checked
+    before anything downloads, and with the official repo's id it picks which U-Net's files to fetch.
     """
     text = str(DEFAULT_VARIANT if name_or_path is None else name_or_path)
     path = Path(text).expanduser()
     if path.is_dir():
-        return path, None
+        return path, variant_for(None, variant_name)
     if text.lower() in VARIANTS or text.lower() in ALIASES:
-        variant = get_variant(text)
+        official_repo = text.lower() == OFFICIAL_REPO.lower()  # it holds every official U-Net
+        variant = get_variant(variant_name) if official_repo and variant_name else get_variant(text)
+        variant = variant_for(variant, variant_name)
         if variant.local_dir is not None:
             if not (variant.local_dir / "kandinsky3.json").is_file():
                 raise CheckpointError(
@@ -64,10 +69,10 @@ def resolve(
                 f"the {variant.name!r} variant has no published weights ({variant.description}); "
                 "train it with `kandinsky3 train` or pass a folder with your own checkpoint"
             )
-        return _download(variant.hub_repo, variant.official_files, local_files_only), variant
+        return _download(variant.hub_repo, variant.official_files, local_files_only, variant.name), variant
     parts = text.split("/")
     if len(parts) == 2 and all(parts) and not text.startswith(".") and not path.exists():
-        return _download(text, None, local_files_only), None
+        return _download(text, None, local_files_only), variant_for(None, variant_name)
     if path.exists():
         raise CheckpointError(f"{path} is a file; pass the folder that holds the model")
     if "/" in text or os.sep in text:
@@ -76,7 +81,9 @@ def resolve(
     raise AssertionError("unreachable")
 
 
-def _download(repo: str, files: list[str] | None, local_files_only: bool) -> Path:
+def _download(repo: str, files: list[str] | None, local_files_only: bool, variant: str | None = None) -> Path:
+    """``variant``: the registered name the files are for; an official repo holds several U-Nets, so the hint
+    names it (``--variant flash``) unless it is the folder's default, base."""
     try:
         from huggingface_hub import snapshot_download
 
@@ -87,7 +94,8 @@ def _download(repo: str, files: list[str] | None, local_files_only: bool) -> Pat
             f"could not get {repo} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}).\n"
             f"Files expected: {', '.join(wanted)}.\n"
             f"Fetch them on a machine with internet access:\n    {fetch_command(repo, files or ['*'])}\n"
-            f"then pass that folder as the model (e.g. `--model ./{repo.split('/')[-1]}`)."
+            f"then pass that folder as the model (e.g. `--model ./{repo.split('/')[-1]}"
+            f"{f' --variant {variant}' if variant not in (None, 'base') else ''}`)."
         ) from exc
 
 
@@ -175,9 +183,7 @@ def load_components(
     local_files_only=False,
     variant: str | None = None,
 ) -> Components:
-    root, named = resolve(name_or_path, local_files_only)
-    if variant is not None:
-        named = get_variant(variant)
+    root, named = resolve(name_or_path, local_files_only, variant)
     if root is None:  # the random tiny preset: built in fp32, then cast like loaded weights
         tiny = tiny_components(named, device=device)
         for module, dtype in (

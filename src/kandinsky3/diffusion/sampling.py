@@ -230,11 +230,13 @@ class SamplerRun:
 @dataclass(frozen=True)
 class Sampler:
     """One entry of :data:`SAMPLERS`: ``sample(denoise, x, run) → latents`` (``x`` is unit noise), whether it takes
-    classifier-free guidance, and its step count when a variant's default sampler is another kind."""
+    classifier-free guidance, its step count when a variant's default sampler is another kind, and which of the
+    settings only some samplers use it reads."""
 
     sample: Callable[[Denoise, torch.Tensor, SamplerRun], torch.Tensor]
     guided: bool = True
     default_steps: int = 50
+    reads: frozenset[str] = frozenset()
 
 
 def _run_k3(denoise, x, run: SamplerRun):
@@ -280,7 +282,7 @@ def _run_diffusers(class_name: str, denoise, x, run: SamplerRun):
 
 
 SAMPLERS: dict[str, Sampler] = {
-    "k3": Sampler(_run_k3),  # the official DDIM-η with dynamic thresholding
+    "k3": Sampler(_run_k3, reads=frozenset({"eta", "threshold_percentile"})),  # official DDIM-η, thresholding
     "flash": Sampler(_run_flash, guided=False, default_steps=len(FLASH_TIMESTEPS)),
     "ddpm": Sampler(functools.partial(_run_diffusers, "DDPMScheduler")),
     "ddim": Sampler(functools.partial(_run_diffusers, "DDIMScheduler")),

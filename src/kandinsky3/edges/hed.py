@@ -34,7 +34,7 @@ def _hub_file(spec: str, local_files_only: bool) -> Path:
             "Download them on a machine with internet access:\n"
             f"    hf download {repo} {filename} --local-dir ./annotators\n"
             f"then pass the file: `--hed-weights ./annotators/{filename}` (Python: hed_weights=...), "
-            "or use the offline extractor: `--method soft`."
+            "or use the offline extractor (`kandinsky3 edges --method soft`, `kandinsky3 control --edges soft`)."
         ) from exc
 
 

@@ -65,23 +65,24 @@ class TextEncoder(nn.Module):
         pad = self.tokenizer.pad_token_id or 0
         return torch.tensor(ids + [pad] * (self.max_length - len(ids)), dtype=torch.long)
 
-    def unknown_words(self, texts: list[str]) -> list[str]:
-        """The words of ``texts`` the tokenizer maps to its unknown token (nano's word-level vocabulary is small;
-        the T5 sentencepiece one covers almost everything), each once, in order of appearance; punctuation is
-        not reported."""
+    def read_report(self, texts: list[str]) -> tuple[list[str], int]:
+        """What the encoder will not read of ``texts``: the words the tokenizer maps to its unknown token (nano's
+        word-level vocabulary is small; the T5 sentencepiece one covers almost everything), each once, in order of
+        appearance, punctuation not reported; and the most tokens any text has beyond the ``max_length`` read
+        (EOS included), 0 when all fit."""
         unk = getattr(self.tokenizer, "unk_token_id", None)
-        if unk is None or not texts:
-            return []
         found: list[str] = []
+        overflow = 0
         for text in texts:
             if not text:
                 continue
-            enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+            enc = self.tokenizer(text, return_offsets_mapping=True, add_special_tokens=False, verbose=False)
+            overflow = max(overflow, len(enc["input_ids"]) + 1 - self.max_length)
             for token, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
                 word = text[start:end]
-                if token == unk and any(c.isalnum() for c in word) and word not in found:
+                if unk is not None and token == unk and any(c.isalnum() for c in word) and word not in found:
                     found.append(word)
-        return found
+        return found, overflow
 
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 128) ids right-padded with the pad id, and the mask (1 for real tokens, EOS included)."""
