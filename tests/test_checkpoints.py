@@ -211,6 +211,11 @@ def test_offline_hub_error_names_files_and_command(monkeypatch, tmp_path):
     with pytest.raises(CheckpointError) as info:
         resolve("flash", local_files_only=True)
     assert "kandinsky3_flash.pt" in str(info.value) and "`--model ./Kandinsky3.1 --variant flash`" in str(info.value)
+    with pytest.raises(CheckpointError, match="kandinsky3_flash.pt"):  # the official repo id + variant: its files
+        resolve("ai-forever/Kandinsky3.1", local_files_only=True, variant_name="flash")
+    monkeypatch.setattr("kandinsky3.checkpoints.loading._download", lambda *a, **k: pytest.fail("downloaded"))
+    with pytest.raises(ValueError, match="'base' is a registered model"):  # refused before any download
+        resolve("base", variant_name="flash")
 
 
 def test_unknown_model_name():
