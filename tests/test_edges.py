@@ -186,6 +186,21 @@ def test_missing_weights_and_offline_hub_give_clear_errors(tmp_path, monkeypatch
     with pytest.raises(CheckpointError, match=r"hf download lllyasviel/Annotators ControlNetHED\.pth"):
         load_hed()  # the default hub id
 
+    asked = []  # an unreachable hub: the cache only, which fails at once instead of after the client's retries
+
+    def cache_only(*args, local_files_only=False, **kwargs):
+        asked.append(local_files_only)
+        raise OSError("not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", cache_only)
+    monkeypatch.setattr("kandinsky3.checkpoints.loading.hub_reachable", lambda timeout=2.0: False)
+    with pytest.raises(CheckpointError, match="--hed-weights"):
+        load_hed()
+    monkeypatch.setattr("kandinsky3.checkpoints.loading.hub_reachable", lambda timeout=2.0: True)
+    with pytest.raises(CheckpointError):
+        load_hed()
+    assert asked == [True, False]
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # extract_edges and the CLI

@@ -191,19 +191,10 @@ class LocalLLM(Beautifier):
 
 
 def _can_download(model_id: str, timeout: float = 2.0) -> bool:
-    """Whether a hub download is possible at all: not a local folder, not offline mode, and the hub answers a TCP
-    connect within ``timeout`` (so an offline machine fails at once instead of retrying for a minute)."""
-    import socket
-    from urllib.parse import urlparse
+    """Whether a hub download of ``model_id`` is possible at all: not a local folder, and the hub reachable."""
+    from .checkpoints.loading import hub_reachable
 
-    if os.path.isdir(model_id) or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+    return not os.path.isdir(model_id) and hub_reachable(timeout)
 
 
 class ServerLLM(Beautifier):

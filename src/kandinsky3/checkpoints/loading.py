@@ -31,6 +31,22 @@ class Components:
 # where the files are
 
 
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the hub can be asked at all: not offline mode, and it answers a TCP connect within ``timeout`` (so an
+    offline machine fails at once instead of retrying for half a minute)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def fetch_command(repo: str, files: list[str]) -> str:
     includes = " ".join(f"--include '{f}'" for f in files)
     return f"hf download {repo} {includes} --local-dir ./{repo.split('/')[-1]}"

@@ -26,7 +26,10 @@ def _hub_file(spec: str, local_files_only: bool) -> Path:
     try:
         from huggingface_hub import hf_hub_download
 
-        return Path(hf_hub_download(repo, filename, local_files_only=local_files_only))
+        from ..checkpoints.loading import hub_reachable
+
+        offline = local_files_only or not hub_reachable()  # the cache only: fails at once, not after retries
+        return Path(hf_hub_download(repo, filename, local_files_only=offline))
     except Exception as exc:  # offline, missing, gated: one clear message
         reason = str(exc).splitlines()[0] if str(exc) else ""
         raise CheckpointError(
