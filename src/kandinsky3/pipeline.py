@@ -39,9 +39,9 @@ def estimate_memory(
     """A rough peak of the activation memory (bytes, fp32, weights excluded) of generating ``images`` pictures of
     ``width``×``height``: the largest of the U-Net's self-attention scores and feature maps (both guidance
     branches) and the MoVQ decoder's full-resolution feature maps and latent-resolution attention (two images per
-    decode; tiles with ``tiled``). ``attention_scores=False`` leaves out the attention score
-    matrices (CUDA's fused attention kernels do not store them). It errs high; its purpose is refusing sizes that
-    cannot fit, before anything is allocated."""
+    decode; tiles with ``tiled``). ``attention_scores=False`` leaves out the attention score matrices (CUDA's
+    fused attention kernels do not store them). It errs high; its purpose is refusing sizes that cannot fit, before
+    anything is allocated."""
     f = variant.movq.downsample_factor
     h, w = height // f, width // f
     u, m = variant.unet, variant.movq

@@ -211,7 +211,7 @@ def control_hint(
     image = as_pil(image)
     if image.size != (width, height):
         image = image.resize((width, height), Image.BICUBIC, reducing_gap=None)
-    return image_to_unit(image if is_edges else extract_edges(image, method, hed_weights if method == "hed" else None))
+    return image_to_unit(image if is_edges else extract_edges(image, method, hed_weights))
 
 
 def plan_control(pipe, req: Control) -> Plan:

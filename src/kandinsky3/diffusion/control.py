@@ -17,9 +17,7 @@ from .conditioning import Conditioning, _move, device_timesteps
 from .steps import StepClock, step_window
 
 
-def control_window(steps: int, start: float, end: float) -> range:
-    """The step indices ``[int(N·start), int(N·end))`` of an N-step run that get the ControlNet's residuals."""
-    return step_window(steps, start, end)
+control_window = step_window  # the step indices [int(N·start), int(N·end)) that get the ControlNet's residuals
 
 
 def scale_at(scale, shape: tuple[int, ...]) -> torch.Tensor | float:
