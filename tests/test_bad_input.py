@@ -439,18 +439,6 @@ def test_weights_with_nan_are_refused_by_the_api(inputs):
         Kandinsky3.from_pretrained(str(inputs / "nanmodel"), device="cpu")
 
 
-def test_memory_estimate_grows_with_size():
-    from kandinsky3.pipeline import estimate_memory
-    from kandinsky3.registry import VARIANTS
-
-    base = VARIANTS["base"]
-    small, large = estimate_memory(base, 1024, 1024, 1), estimate_memory(base, 2048, 2048, 1)
-    assert 2**30 < small < 16 * 2**30 and large > 4 * small
-    assert estimate_memory(base, 1024, 1024, 4) > small
-    fused = dict(attention_scores=False)  # CUDA: no score matrices, the MoVQ's full-size maps dominate
-    assert estimate_memory(base, 4096, 4096, 1, tiled=True, **fused) < estimate_memory(base, 4096, 4096, 1, **fused)
-
-
 class _Terminal(io.StringIO):
     def isatty(self):
         return True

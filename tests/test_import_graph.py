@@ -15,6 +15,7 @@ FLOORS = {
     "registry": 1,
     "vocabulary": 1,
     "offload": 1,
+    "devices": 1,
     "checkpoints": 2,
     "requests": 2,
     "world": 2,

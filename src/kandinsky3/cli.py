@@ -547,12 +547,6 @@ def _known_variant(args):
     return variant_for(get_variant(text), args.variant)  # raises for an unknown name or a clashing --variant
 
 
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _check_task_fits(request, variant):
     """A task the named model's U-Net cannot do (inpainting on a text→image model, or the reverse), refused before
     loading: the registry knows which U-Net a name has."""
@@ -591,19 +585,24 @@ def _planned_size(request, variant, multiple: int) -> tuple[int, int]:
 
 def _check_size(request, variant, args):
     """Size multiple and estimated memory of the run; refused above the device's memory unless ``--force``."""
-    import torch
 
+    from .devices import default_device
     from .images import check_size
-    from .pipeline import device_memory, estimate_memory
+    from .pipeline import FUSED_ATTENTION_DEVICES, MEMORY_PRESETS, device_memory, estimate_memory
 
     multiple = variant.movq.downsample_factor * variant.unet.downsample_factor
     width, height = _planned_size(request, variant, multiple)
     check_size(width, height, multiple)
     if args.force:
         return
-    device = torch.device(args.device or _default_device())
+    device = default_device(args.device)
+    preset = MEMORY_PRESETS[args.memory](device) if getattr(args, "memory", None) else {}
+    tiled = args.movq_tiling or preset.get("movq_tiling", False)
+    element_bytes = 2 if (args.dtype or preset.get("dtype")) in ("fp16", "bf16") else 4
+    scores = device.type not in FUSED_ATTENTION_DEVICES
+    branches = 2 if request.guidance_for(variant) else 1
     need = estimate_memory(
-        variant, width, height, request.num_images, args.movq_tiling, attention_scores=device.type != "cuda"
+        variant, width, height, request.num_images, tiled, scores, element_bytes, device.type, branches
     )
     have = device_memory(device)
     if need > have:
@@ -614,7 +613,7 @@ def _check_size(request, variant, args):
         ]
         if request.num_images > 1:
             smaller.append("fewer --num-images")
-        if not args.movq_tiling:
+        if not tiled:
             smaller.append("--movq-tiling")
         raise ValueError(
             f"{request.num_images} × {width}x{height} needs an estimated {need / 2**30:,.1f} GiB, more than the "
@@ -638,11 +637,10 @@ def _generate(args) -> list[Path]:
         args.mask = as_mask(args.mask, args.image.size)
     request = request_from_args(request_cls, args)  # validated before the model loads
     if args.text_encoder_quantization:
-        import torch
-
+        from .devices import default_device
         from .pipeline import check_quantization
 
-        check_quantization(args.text_encoder_quantization, torch.device(args.device or _default_device()))
+        check_quantization(args.text_encoder_quantization, default_device(args.device))
     if isinstance(request.seed, list) and len(request.seed) != request.num_images:  # one prompt on the CLI
         images = f"{request.num_images} image{'s' if request.num_images != 1 else ''}"
         raise ValueError(f"{len(request.seed)} seeds for {images}: give one seed, or one per image (--num-images)")

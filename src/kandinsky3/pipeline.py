@@ -15,6 +15,7 @@ from PIL import Image
 from .checkpoints import Components, load_components, save_components
 from .diffusion import Conditioning, Denoiser, NoiseSchedule
 from .diffusion.graphs import GraphedStep
+from .devices import default_device
 from .diffusion.sampling import SAMPLERS, NoiseSource, SamplerRun, StepCallback
 from .images import tensor_to_pil, with_metadata
 from .offload import is_quantized, lent, streamed
@@ -33,33 +34,79 @@ def _request(cls, settings: dict, **inputs):
     return cls(**inputs, **{k: v for k, v in settings.items() if v is not None})
 
 
+DECODE_CHUNK = 2  # pictures decoded by the MoVQ at once
+ALLOCATOR_SLACK = {"cpu": 2.0, "cuda": 1.25}  # process memory over the live tensors' peak (docs/errors.md)
+FUSED_ATTENTION_DEVICES = ("cpu", "cuda")  # PyTorch's SDPA kernels there store no score matrices
+
+
 def estimate_memory(
-    variant, width: int, height: int, images: int, tiled: bool = False, attention_scores: bool = True
+    variant,
+    width: int,
+    height: int,
+    images: int,
+    tiled: bool = False,
+    attention_scores: bool = False,
+    element_bytes: int = 4,
+    device_type: str = "cpu",
+    branches: int = 2,
 ) -> int:
-    """A rough peak of the activation memory (bytes, fp32, weights excluded) of generating ``images`` pictures of
-    ``width``×``height``: the largest of the U-Net's self-attention scores and feature maps (both guidance
-    branches) and the MoVQ decoder's full-resolution feature maps and latent-resolution attention (two images per
-    decode; tiles with ``tiled``). ``attention_scores=False`` leaves out the attention score matrices (CUDA's
-    fused attention kernels do not store them). It errs high; its purpose is refusing sizes that cannot fit, before
-    anything is allocated."""
+    """The peak activation memory (bytes, weights excluded) of generating ``images`` pictures of ``width``×``height``,
+    to refuse a run that cannot fit before anything is allocated. The larger of the U-Net's peak over the whole
+    batch (``branches``: 2 with classifier-free guidance, 1 at guidance 0) and the MoVQ decode of ``DECODE_CHUNK``
+    pictures (one tile each with ``tiled``), plus the finished pictures; times the allocator's slack for
+    ``device_type``. The element counts follow the two architectures' largest sets of live tensors and match a
+    live-tensor trace on the meta device to 1 % (``tests/test_memory_estimate.py``). ``attention_scores`` counts
+    score matrices, for an attention kernel that stores them (PyTorch's CPU and CUDA SDPA kernels do not)."""
     f = variant.movq.downsample_factor
-    h, w = height // f, width // f
-    u, m = variant.unet, variant.movq
-    batch = 2 * images
+    unet = branches * images * _unet_activations(variant.unet, height // f, width // f, attention_scores)
+    tile = variant.movq.tile_sample_min_size
+    decode_height, decode_width = (min(height, tile), min(width, tile)) if tiled else (height, width)
+    chunk = min(images, DECODE_CHUNK)
+    decode = chunk * _decoder_activations(variant.movq, decode_height, decode_width, attention_scores)
+    pictures = 3 * height * width * (images + 2 * chunk * 4)  # uint8 pictures; the fp32 decode and its accumulator
+    slack = ALLOCATOR_SLACK.get(device_type, ALLOCATOR_SLACK["cpu"])
+    return int(slack * (element_bytes * max(unet, decode) + pictures))
+
+
+def _unet_activations(u, h: int, w: int, attention_scores: bool, context_tokens: int = 128) -> int:
+    """Peak live elements of one U-Net sample at latent h×w. The largest maps are the feed-forward of the first
+    attention block of an up level: level i's width plus the concatenated skip (2·W_i) at the level's resolution,
+    expanded ``expansion_ratio`` times, held twice (convolution, SiLU) beside ≈ 5 maps of its input width. The
+    skips wait meanwhile. Without attention, the up level's first ResNet block: ≈ 4 maps of the concatenated
+    width. ``attention_scores`` adds score and softmax matrices (an unfused attention kernel)."""
+    levels = len(u.dim_mult)
+    widths = [u.model_channels * m for m in u.dim_mult]
+    tokens = [max(1, h >> i) * max(1, w >> i) for i in range(levels)]
+    skips = sum(widths[i] * tokens[i + 1] for i in range(levels - 1))
     peak = 0
-    for level, (mult, self_attention) in enumerate(zip(u.dim_mult, u.add_self_attention)):
-        tokens = max(1, h >> level) * max(1, w >> level)
-        peak = max(peak, 4 * batch * u.model_channels * mult * tokens)
-        if self_attention and attention_scores:
-            peak = max(peak, batch * (u.model_channels * mult // u.head_dim) * tokens**2)
-    if tiled:
-        height, width = min(height, m.tile_sample_min_size), min(width, m.tile_sample_min_size)
-        h, w = height // f, width // f
-    decode = min(images, 2)
-    peak = max(peak, 4 * decode * m.ch * m.ch_mult[0] * height * width)
-    if attention_scores:
-        peak = max(peak, decode * (h * w) ** 2)
-    return 4 * peak
+    for i in range(levels):
+        concatenated = 2 * widths[i] if i < levels - 1 else widths[i]
+        peak = max(peak, 4 * concatenated * tokens[i])
+        if u.add_cross_attention[i] or u.add_self_attention[i]:
+            peak = max(peak, (2 * u.expansion_ratio + 5) * concatenated * tokens[i])
+        if attention_scores:
+            heads = concatenated // u.head_dim
+            if u.add_cross_attention[i]:
+                peak = max(peak, 2 * heads * tokens[i] * context_tokens + 5 * concatenated * tokens[i])
+            below = widths[i - 1] if i else u.resolved_init_channels  # self-attention runs at the level's input width
+            if u.add_self_attention[i]:
+                peak = max(peak, 2 * (below // u.head_dim) * tokens[i] ** 2 + 5 * below * tokens[i])
+    return peak + skips
+
+
+def _decoder_activations(m, height: int, width: int, attention_scores: bool) -> int:
+    """Peak live elements of one MoVQ decode of height×width pixels. Each level's first block holds ≈ 3 maps of the
+    width that enters it (input, GroupNorm, latent modulation) at the level's resolution; attention levels hold
+    ≈ 6 maps plus, unfused, the single head's score and softmax matrices."""
+    levels = len(m.ch_mult)
+    peak = 0
+    for i in range(levels):
+        pixels = (height >> i) * (width >> i)
+        entering = m.ch * m.ch_mult[min(i + 1, levels - 1)]
+        peak = max(peak, 3 * entering * pixels)
+        if m.resolution >> i in m.attn_resolutions or i == levels - 1:  # the deepest: the middle block's attention
+            peak = max(peak, 6 * entering * pixels + (2 * pixels**2 if attention_scores else 0))
+    return peak
 
 
 def device_memory(device) -> int:
@@ -187,7 +234,7 @@ class Kandinsky3:
         ``controlnet``: a ControlNet to load now (a name — ``nano-controlnet``, ``hed`` — a folder or a hub id);
         without it ``control()`` loads the variant's own (``Variant.controlnet``) on first use.
         """
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = default_device(device)
         if memory is not None:
             if memory not in MEMORY_PRESETS:
                 raise ValueError(f"unknown memory preset {memory!r}: use one of {', '.join(MEMORY_PRESETS)}")
@@ -614,7 +661,7 @@ class Kandinsky3:
             return self.movq.encode(pil_to_tensor(image).to(p.device, p.dtype), tiled=self.movq_tiling).float()
 
     @torch.no_grad()
-    def _decode(self, latents: torch.Tensor, rounding: str, chunk: int = 2) -> list[Image.Image]:
+    def _decode(self, latents: torch.Tensor, rounding: str, chunk: int = DECODE_CHUNK) -> list[Image.Image]:
         p = self._movq_param()
         images = []
         for part in latents.split(chunk):

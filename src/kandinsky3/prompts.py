@@ -164,7 +164,9 @@ class LocalLLM(Beautifier):
                     "reach: use --beautify template, a server URL (--beautify http://…), or download the model first"
                 ) from exc
             if not self.load_in_8bit:
-                self._model.to(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+                from .devices import default_device
+
+                self._model.to(default_device(self.device))
         return self._model, self._tokenizer
 
     def prompt_ids(self, prompt: str):

@@ -152,6 +152,10 @@ class GenerationSettings:
             guidance = d.guidance if SAMPLERS[d.kind].guided else DEFAULT_GUIDANCE
         return sampler, self.guidance if self.guidance is not None else guidance
 
+    def guidance_for(self, variant: Variant) -> float:
+        """The guidance weight a run of this request on ``variant`` uses (0: one U-Net branch, no guidance)."""
+        return self._sampler_and_guidance(variant)[1]
+
     def resolve(self, variant: Variant) -> "GenerationSettings":
         """Fill every ``None`` with the variant's default (the defaults of another sampler where one is chosen)."""
         d = variant.sampler

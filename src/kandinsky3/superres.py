@@ -29,6 +29,7 @@ from .diffusion import (
     sample_flash,
     sample_with_scheduler,
 )
+from .devices import default_device
 from .diffusion.tiling import BLENDS
 from .images import as_pil, pil_to_tensor, tensor_to_pil, with_metadata
 from .models.superres import RefineParts, SuperResUNet, refine_context_from_text_encoder
@@ -88,7 +89,7 @@ class SuperRes:
         """``nano`` (default), ``x4`` / ``x2`` / ``flash-x2`` (ai-forever/KandiSuperRes), ``tiny`` or a folder."""
         from .checkpoints.superres import load_superres
 
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = default_device(device)
         return load_superres(cls, name_or_path, device=device, dtype=dtype, local_files_only=local_files_only)
 
     # -- public -------------------------------------------------------------------------------------------------

@@ -44,12 +44,6 @@ def _upscaler_loader(source: str, dtype: str | None) -> Callable[[str], object]:
     return load
 
 
-def _default_devices() -> list[str]:
-    import torch
-
-    return ["cuda"] if torch.cuda.is_available() else ["cpu"]
-
-
 class BodyLimit:
     """ASGI middleware: refuse request bodies over ``limit`` bytes with 413, by Content-Length before anything is
     read, and while reading a body sent without one (chunked): the 413 goes out at once, the app then sees a
@@ -125,7 +119,9 @@ def create_app(
         loaders = {name: _pipeline_loader(src, config.dtype) for name, src in config.model_sources().items()}
     if upscaler_loader is None and config.upscaler:
         upscaler_loader = _upscaler_loader(config.upscaler, config.dtype)
-    devices = config.devices or _default_devices()
+    from ..devices import default_device
+
+    devices = config.devices or [default_device().type]
     state: dict = {}
 
     @contextlib.asynccontextmanager
