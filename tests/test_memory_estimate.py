@@ -164,3 +164,23 @@ def test_cli_reads_dtype_and_the_memory_preset(monkeypatch, capsys, tmp_path, no
     assert "fewer --num-images or --movq-tiling" in refusal("--dtype", "bf16", "--num-images", "4")
     err = refusal("--memory", "16gb", "--num-images", "4")
     assert "fewer --num-images" in err and "--movq-tiling" not in err
+
+
+def test_cli_estimates_a_batch_from_a_prompts_file(monkeypatch, capsys, tmp_path, no_loading):
+    """``--prompts FILE --batch-size N`` runs up to N items as one sampler run: 5 000 of them on 4 GiB are refused
+    before loading, naming --batch-size; one at a time they pass. An inpainting model is refused before loading."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"a red circle {i}\n" for i in range(5000)))
+    out = tmp_path / "out"
+    batch = ["--prompts", str(prompts), "--out-dir", str(out)]
+    from kandinsky3 import cli, pipeline
+
+    monkeypatch.setattr(pipeline, "device_memory", lambda device: 4 * 2**30)
+    assert cli.main(["generate", "--device", "cpu", *batch, "--batch-size", "5000"]) == 2
+    err = capsys.readouterr().err
+    assert "5000 × 64x64 needs an estimated" in err and "a smaller --batch-size" in err and not out.exists()
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        cli.main(["generate", "--device", "cpu", *batch, "--batch-size", "1"])
+    # the model's task is checked before loading too (it used to reach the download of the inpainting U-Net)
+    assert cli.main(["generate", "--device", "cpu", *batch, "--model", "inpainting"]) == 2
+    assert "kandinsky3 inpaint" in capsys.readouterr().err and not out.exists()

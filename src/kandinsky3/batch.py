@@ -223,6 +223,19 @@ def _changes(item: Item, entry: dict) -> dict:
     return {k: (recorded[k], v) for k, v in asked.items() if k in recorded and recorded[k] != v}
 
 
+def largest_runs(items: list[Item], batch_size: int) -> list[TextToImage]:
+    """For each distinct setting of the items, the largest sampler run ``generate_batch`` can make of them: up to
+    ``batch_size`` items in one request (what the memory check before loading estimates)."""
+    runs: dict[str, list[Item]] = {}
+    for it in items:
+        key = json.dumps({k: v for k, v in it.fields.items() if k != "prompt"}, sort_keys=True, default=str)
+        runs.setdefault(key, []).append(it)
+    return [
+        group[0].request([it.seed for it in group], [it.fields.get("prompt", "") for it in group])
+        for group in (same[:batch_size] for same in runs.values())
+    ]
+
+
 def _same_settings(a: Item, b: Item) -> bool:
     strip = lambda f: {k: v for k, v in f.items() if k != "prompt"}  # noqa: E731
     return strip(a.fields) == strip(b.fields)
@@ -239,9 +252,10 @@ def add_batch_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def run_from_args(args: argparse.Namespace, load_pipeline) -> dict:
+def run_from_args(args: argparse.Namespace, load_pipeline, check=None) -> dict:
     """Run a batch described by parsed arguments (``add_batch_args`` + the request's settings); ``load_pipeline
-    (device)`` builds the model. Under ``accelerate launch`` each process takes its share on its own device."""
+    (device)`` builds the model; ``check(requests)``, before it, sees the largest sampler runs (``largest_runs``).
+    Under ``accelerate launch`` each process takes its share on its own device."""
     if args.out_dir is None:
         raise ValueError("--prompts needs --out-dir")
     if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
@@ -257,6 +271,8 @@ def run_from_args(args: argparse.Namespace, load_pipeline) -> dict:
     items = plan(read_prompts(args.prompts), seeds, settings)  # validated before the model loads
     if not items:
         raise ValueError(f"{args.prompts} holds no prompts (blank lines and # comments are skipped): add one a line")
+    if check is not None:
+        check(largest_runs(items, args.batch_size))
     rank, world, device, state = 0, 1, getattr(args, "device", None), None
     try:
         from accelerate import PartialState

@@ -601,9 +601,10 @@ def _check_size(request, variant, args):
     element_bytes = 2 if (args.dtype or preset.get("dtype")) in ("fp16", "bf16") else 4
     scores = device.type not in FUSED_ATTENTION_DEVICES
     branches = 2 if request.guidance_for(variant) else 1
-    need = estimate_memory(
-        variant, width, height, request.num_images, tiled, scores, element_bytes, device.type, branches
-    )
+    prompt = getattr(request, "prompt", None)  # a list: a batch from a prompts file
+    prompts = len(prompt) if isinstance(prompt, list) else 1
+    pictures = prompts * request.num_images
+    need = estimate_memory(variant, width, height, pictures, tiled, scores, element_bytes, device.type, branches)
     have = device_memory(device)
     if need > have:
         from .requests import Outpaint
@@ -611,12 +612,14 @@ def _check_size(request, variant, args):
         smaller = [
             "smaller --left/--right/--top/--bottom" if isinstance(request, Outpaint) else "a smaller --width/--height"
         ]
-        if request.num_images > 1:
+        if prompts > 1:
+            smaller.append("a smaller --batch-size")
+        elif request.num_images > 1:
             smaller.append("fewer --num-images")
         if not tiled:
             smaller.append("--movq-tiling")
         raise ValueError(
-            f"{request.num_images} × {width}x{height} needs an estimated {need / 2**30:,.1f} GiB, more than the "
+            f"{pictures} × {width}x{height} needs an estimated {need / 2**30:,.1f} GiB, more than the "
             f"{have / 2**30:,.0f} GiB of {device}; use {' or '.join(smaller)}, or --force to try anyway"
         )
 
@@ -670,7 +673,13 @@ def _generate_batch(args) -> dict:
             args.device = device
         return _pipeline(args)
 
-    summary = run_from_args(args, load)
+    def check(requests):  # a registered model is refused before it loads, as for one prompt
+        variant = _known_variant(args)
+        for request in requests if variant is not None else ():
+            _check_task_fits(request, variant)
+            _check_size(request, variant, args)
+
+    summary = run_from_args(args, load, check)
     print(json.dumps(summary))
     return summary
 
