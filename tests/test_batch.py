@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from kandinsky3 import Kandinsky3, TextToImage, read_metadata, save_image
-from kandinsky3.batch import generate_batch, merge_manifests, plan, read_prompts
+from kandinsky3.batch import generate_batch, largest_runs, merge_manifests, plan, read_prompts
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +154,18 @@ def test_two_processes_under_accelerate_launch_equal_one_and_resume_after_a_kill
     assert sorted(p.name for p in two.glob("*.png")) == sorted(m["file"] for m in b)
     assert [(m["key"], m["sha256"]) for m in a] == [(m["key"], m["sha256"]) for m in b]
     assert len(done) >= 18 and all((two / f).stat().st_mtime_ns == done[f] for f in done)  # finished: not redone
+
+
+def test_largest_runs_group_as_the_batch_does():
+    """The memory check's runs: up to batch_size items per setting, equal by value as ``generate_batch`` compares
+    them (guidance 3 from a jsonl line and 3.0 from the command line are one run)."""
+    entries = [
+        {"prompt": "a"},
+        {"prompt": "b", "guidance": 3},
+        {"prompt": "c", "seeds": [1, 2]},
+        {"prompt": "d", "width": 128},
+    ]
+    items = plan(entries, [0], {"guidance": 3.0})
+    runs = largest_runs(items, batch_size=3)
+    assert [(r.prompt, r.seed, r.width) for r in runs] == [(["a", "b", "c"], [0, 0, 1], None), (["d"], [0], 128)]
+    assert [len(r.prompt) for r in largest_runs(items, batch_size=1)] == [1, 1]

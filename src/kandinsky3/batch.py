@@ -226,14 +226,14 @@ def _changes(item: Item, entry: dict) -> dict:
 def largest_runs(items: list[Item], batch_size: int) -> list[TextToImage]:
     """For each distinct setting of the items, the largest sampler run ``generate_batch`` can make of them: up to
     ``batch_size`` items in one request (what the memory check before loading estimates)."""
-    runs: dict[str, list[Item]] = {}
+    runs: list[list[Item]] = []  # items of equal settings, by ``_same_settings`` as generate_batch groups them
     for it in items:
-        key = json.dumps({k: v for k, v in it.fields.items() if k != "prompt"}, sort_keys=True, default=str)
-        runs.setdefault(key, []).append(it)
-    return [
-        group[0].request([it.seed for it in group], [it.fields.get("prompt", "") for it in group])
-        for group in (same[:batch_size] for same in runs.values())
-    ]
+        run = next((run for run in runs if _same_settings(run[0], it)), None)
+        if run is None:
+            runs.append([it])
+        elif len(run) < batch_size:
+            run.append(it)
+    return [run[0].request([it.seed for it in run], [it.fields.get("prompt", "") for it in run]) for run in runs]
 
 
 def _same_settings(a: Item, b: Item) -> bool:
