@@ -566,6 +566,13 @@ def _check_task_fits(request, variant):
         )
 
 
+def _check_before_loading(request, variant, args):
+    """What a registered model's request is refused for before the model loads: a task its U-Net cannot do, a size
+    it cannot take or that is estimated not to fit in memory."""
+    _check_task_fits(request, variant)
+    _check_size(request, variant, args)
+
+
 def _planned_size(request, variant, multiple: int) -> tuple[int, int]:
     """The picture size a request will be run at (what tasks.py computes), for the checks before loading."""
     from .images import fit_for_diffusion
@@ -649,8 +656,7 @@ def _generate(args) -> list[Path]:
         raise ValueError(f"{len(request.seed)} seeds for {images}: give one seed, or one per image (--num-images)")
     variant = _known_variant(args)
     if variant is not None:
-        _check_task_fits(request, variant)
-        _check_size(request, variant, args)
+        _check_before_loading(request, variant, args)
     paths = output_paths(args.out, request.num_images, args.overwrite)
     progress = _progress(args)
     pipe = _pipeline(args)
@@ -676,8 +682,7 @@ def _generate_batch(args) -> dict:
     def check(requests):  # a registered model is refused before it loads, as for one prompt
         variant = _known_variant(args)
         for request in requests if variant is not None else ():
-            _check_task_fits(request, variant)
-            _check_size(request, variant, args)
+            _check_before_loading(request, variant, args)
 
     summary = run_from_args(args, load, check)
     print(json.dumps(summary))

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from .checkpoints import Components, load_components, save_components
+from .devices import default_device
 from .diffusion import Conditioning, Denoiser, NoiseSchedule
 from .diffusion.graphs import GraphedStep
-from .devices import default_device
 from .diffusion.sampling import SAMPLERS, NoiseSource, SamplerRun, StepCallback
 from .images import tensor_to_pil, with_metadata
 from .offload import is_quantized, lent, streamed
